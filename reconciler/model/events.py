@@ -1,0 +1,45 @@
+"""Typed events: what happened to an agent or a node, when, and why.
+
+The daemon records them as they happen, reports them to the Manager, and the CLI
+streams them (``reconciler events --follow``). They are facts for people; the control
+loop never reads them back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from reconciler.model.ids import AgentId, NodeId
+
+__all__ = ["Event", "EventType"]
+
+
+class EventType(enum.StrEnum):
+    """The kinds of event."""
+
+    AGENT_STARTED = "AgentStarted"
+    AGENT_HEALTHY = "AgentHealthy"
+    AGENT_EXITED = "AgentExited"
+    AGENT_UNHEALTHY = "AgentUnhealthy"
+    AGENT_BACKOFF = "AgentBackoff"
+    AGENT_STOPPED = "AgentStopped"
+    AGENT_FAILED = "AgentFailed"
+    AGENT_ADOPTED = "AgentAdopted"
+    SPEC_APPLIED = "SpecApplied"
+    UPDATE_ROLLED_OUT = "UpdateRolledOut"
+    UPDATE_ROLLED_BACK = "UpdateRolledBack"
+    NODE_REGISTERED = "NodeRegistered"
+    NODE_NOT_READY = "NodeNotReady"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event. ``time`` is wall-clock Unix seconds (events are for people)."""
+
+    type: EventType
+    time: float
+    node_id: NodeId
+    agent_id: AgentId | None = None
+    reason: str = ""
+    message: str = ""
