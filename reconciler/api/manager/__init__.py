@@ -1,0 +1,1 @@
+"""Generated from api/proto/reconciler/api/manager (do not edit; run `make gen`)."""

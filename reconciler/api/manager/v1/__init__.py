@@ -1,0 +1,1 @@
+"""Generated from api/proto/reconciler/api/manager/v1 (do not edit; run `make gen`)."""
