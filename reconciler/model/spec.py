@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from reconciler.model.errors import InvalidArgument
@@ -109,6 +110,10 @@ class AgentSpec:
 
     def fingerprint(self) -> str:
         """A digest of every field whose change needs a restart (all but labels and state)."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
         body = {
             "command": list(self.command),
             "env": dict(sorted(self.env.items())),

@@ -113,8 +113,8 @@ class _AgentPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentPhase
     ON_FAILURE).
     """
     AGENT_PHASE_FAILED: _AgentPhase.ValueType  # 8
-    """Not running and not going to be restarted: the spec cannot be started (for example
-    the command is not allowed) or it exited with failure under RESTART_POLICY_NEVER.
+    """Not running and not going to be restarted: it exited with failure under
+    RESTART_POLICY_NEVER. A restart operation or a changed spec starts it again.
     """
     AGENT_PHASE_UNKNOWN: _AgentPhase.ValueType  # 9
     """Shown by the Manager only: the agent's node is NOT_READY, so its phase is unknown."""
@@ -147,8 +147,8 @@ AGENT_PHASE_STOPPED: AgentPhase.ValueType  # 7
 ON_FAILURE).
 """
 AGENT_PHASE_FAILED: AgentPhase.ValueType  # 8
-"""Not running and not going to be restarted: the spec cannot be started (for example
-the command is not allowed) or it exited with failure under RESTART_POLICY_NEVER.
+"""Not running and not going to be restarted: it exited with failure under
+RESTART_POLICY_NEVER. A restart operation or a changed spec starts it again.
 """
 AGENT_PHASE_UNKNOWN: AgentPhase.ValueType  # 9
 """Shown by the Manager only: the agent's node is NOT_READY, so its phase is unknown."""

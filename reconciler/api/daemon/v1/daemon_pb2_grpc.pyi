@@ -65,8 +65,9 @@ class DaemonServiceStub:
     whole message before it changes anything and persists it durably before it answers.
     A request with the generation the daemon already holds is answered idempotently
     (nothing changes); an older one is refused.
-    Errors: INVALID_ARGUMENT (generation 0, a malformed spec or duplicate agent ids; the
-    message names the agent and field), FAILED_PRECONDITION (generation older than the
+    Errors: INVALID_ARGUMENT (generation 0, a malformed spec, duplicate agent ids, or a
+    command outside the daemon's local allow-list; the message names the agent and
+    field, and nothing changes), FAILED_PRECONDITION (generation older than the
     daemon's current one, or node_id names another node; the message gives the
     daemon's current generation), UNAVAILABLE (the state could not be persisted; retry).
     """
@@ -113,8 +114,9 @@ class DaemonServiceAsyncStub(DaemonServiceStub):
     whole message before it changes anything and persists it durably before it answers.
     A request with the generation the daemon already holds is answered idempotently
     (nothing changes); an older one is refused.
-    Errors: INVALID_ARGUMENT (generation 0, a malformed spec or duplicate agent ids; the
-    message names the agent and field), FAILED_PRECONDITION (generation older than the
+    Errors: INVALID_ARGUMENT (generation 0, a malformed spec, duplicate agent ids, or a
+    command outside the daemon's local allow-list; the message names the agent and
+    field, and nothing changes), FAILED_PRECONDITION (generation older than the
     daemon's current one, or node_id names another node; the message gives the
     daemon's current generation), UNAVAILABLE (the state could not be persisted; retry).
     """
@@ -182,8 +184,9 @@ class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
         whole message before it changes anything and persists it durably before it answers.
         A request with the generation the daemon already holds is answered idempotently
         (nothing changes); an older one is refused.
-        Errors: INVALID_ARGUMENT (generation 0, a malformed spec or duplicate agent ids; the
-        message names the agent and field), FAILED_PRECONDITION (generation older than the
+        Errors: INVALID_ARGUMENT (generation 0, a malformed spec, duplicate agent ids, or a
+        command outside the daemon's local allow-list; the message names the agent and
+        field, and nothing changes), FAILED_PRECONDITION (generation older than the
         daemon's current one, or node_id names another node; the message gives the
         daemon's current generation), UNAVAILABLE (the state could not be persisted; retry).
         """
