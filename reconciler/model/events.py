@@ -16,21 +16,25 @@ __all__ = ["Event", "EventType"]
 
 
 class EventType(enum.StrEnum):
-    """The kinds of event."""
+    """The kinds of event (the same list as the API's EventType, in CamelCase)."""
 
     AGENT_STARTED = "AgentStarted"
-    AGENT_HEALTHY = "AgentHealthy"
     AGENT_EXITED = "AgentExited"
     AGENT_UNHEALTHY = "AgentUnhealthy"
     AGENT_BACKOFF = "AgentBackoff"
     AGENT_STOPPED = "AgentStopped"
+    AGENT_HEALTHY = "AgentHealthy"
+    SPEC_APPLIED = "SpecApplied"
+    UPDATE_ROLLED_BACK = "UpdateRolledBack"
+    UPDATE_SUCCEEDED = "UpdateSucceeded"
+    OPERATION_APPLIED = "OperationApplied"
+    NODE_REGISTERED = "NodeRegistered"
+    NODE_READY = "NodeReady"
+    NODE_NOT_READY = "NodeNotReady"
+    AGENT_SET_APPLIED = "AgentSetApplied"
+    AGENT_SET_DELETED = "AgentSetDeleted"
     AGENT_FAILED = "AgentFailed"
     AGENT_ADOPTED = "AgentAdopted"
-    SPEC_APPLIED = "SpecApplied"
-    UPDATE_ROLLED_OUT = "UpdateRolledOut"
-    UPDATE_ROLLED_BACK = "UpdateRolledBack"
-    NODE_REGISTERED = "NodeRegistered"
-    NODE_NOT_READY = "NodeNotReady"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#reconciler/api/agent/v1/event.proto\x12\x17reconciler.api.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05\x45vent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".reconciler.api.agent.v1.EventType\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xfd\x03\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_TYPE_AGENT_STARTED\x10\x01\x12\x1b\n\x17\x45VENT_TYPE_AGENT_EXITED\x10\x02\x12\x1e\n\x1a\x45VENT_TYPE_AGENT_UNHEALTHY\x10\x03\x12\x1c\n\x18\x45VENT_TYPE_AGENT_BACKOFF\x10\x04\x12\x1c\n\x18\x45VENT_TYPE_AGENT_STOPPED\x10\x05\x12\x1c\n\x18\x45VENT_TYPE_AGENT_HEALTHY\x10\x06\x12\x1b\n\x17\x45VENT_TYPE_SPEC_APPLIED\x10\x07\x12!\n\x1d\x45VENT_TYPE_UPDATE_ROLLED_BACK\x10\x08\x12\x1f\n\x1b\x45VENT_TYPE_UPDATE_SUCCEEDED\x10\t\x12 \n\x1c\x45VENT_TYPE_OPERATION_APPLIED\x10\n\x12\x1e\n\x1a\x45VENT_TYPE_NODE_REGISTERED\x10\x0b\x12\x19\n\x15\x45VENT_TYPE_NODE_READY\x10\x0c\x12\x1d\n\x19\x45VENT_TYPE_NODE_NOT_READY\x10\r\x12 \n\x1c\x45VENT_TYPE_AGENT_SET_APPLIED\x10\x0e\x12 \n\x1c\x45VENT_TYPE_AGENT_SET_DELETED\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#reconciler/api/agent/v1/event.proto\x12\x17reconciler.api.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05\x45vent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".reconciler.api.agent.v1.EventType\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb8\x04\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_TYPE_AGENT_STARTED\x10\x01\x12\x1b\n\x17\x45VENT_TYPE_AGENT_EXITED\x10\x02\x12\x1e\n\x1a\x45VENT_TYPE_AGENT_UNHEALTHY\x10\x03\x12\x1c\n\x18\x45VENT_TYPE_AGENT_BACKOFF\x10\x04\x12\x1c\n\x18\x45VENT_TYPE_AGENT_STOPPED\x10\x05\x12\x1c\n\x18\x45VENT_TYPE_AGENT_HEALTHY\x10\x06\x12\x1b\n\x17\x45VENT_TYPE_SPEC_APPLIED\x10\x07\x12!\n\x1d\x45VENT_TYPE_UPDATE_ROLLED_BACK\x10\x08\x12\x1f\n\x1b\x45VENT_TYPE_UPDATE_SUCCEEDED\x10\t\x12 \n\x1c\x45VENT_TYPE_OPERATION_APPLIED\x10\n\x12\x1e\n\x1a\x45VENT_TYPE_NODE_REGISTERED\x10\x0b\x12\x19\n\x15\x45VENT_TYPE_NODE_READY\x10\x0c\x12\x1d\n\x19\x45VENT_TYPE_NODE_NOT_READY\x10\r\x12 \n\x1c\x45VENT_TYPE_AGENT_SET_APPLIED\x10\x0e\x12 \n\x1c\x45VENT_TYPE_AGENT_SET_DELETED\x10\x0f\x12\x1b\n\x17\x45VENT_TYPE_AGENT_FAILED\x10\x10\x12\x1c\n\x18\x45VENT_TYPE_AGENT_ADOPTED\x10\x11\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reconciler.api.agent.v1.eve
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENTTYPE']._serialized_start=286
-  _globals['_EVENTTYPE']._serialized_end=795
+  _globals['_EVENTTYPE']._serialized_end=854
   _globals['_EVENT']._serialized_start=98
   _globals['_EVENT']._serialized_end=283
 # @@protoc_insertion_point(module_scope)

@@ -58,6 +58,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """An AgentSet was created or changed."""
     EVENT_TYPE_AGENT_SET_DELETED: _EventType.ValueType  # 15
     """An AgentSet was deleted."""
+    EVENT_TYPE_AGENT_FAILED: _EventType.ValueType  # 16
+    """An agent exited and its restart policy says not to start it again."""
+    EVENT_TYPE_AGENT_ADOPTED: _EventType.ValueType  # 17
+    """A restarted daemon re-attached to an agent process that was still running."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What kind of thing happened."""
@@ -94,6 +98,10 @@ EVENT_TYPE_AGENT_SET_APPLIED: EventType.ValueType  # 14
 """An AgentSet was created or changed."""
 EVENT_TYPE_AGENT_SET_DELETED: EventType.ValueType  # 15
 """An AgentSet was deleted."""
+EVENT_TYPE_AGENT_FAILED: EventType.ValueType  # 16
+"""An agent exited and its restart policy says not to start it again."""
+EVENT_TYPE_AGENT_ADOPTED: EventType.ValueType  # 17
+"""A restarted daemon re-attached to an agent process that was still running."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
