@@ -1,0 +1,46 @@
+"""``reconciler daemon``: run the node daemon (the wiring lives in reconciler.daemon).
+
+Settings come from ``--config`` < RECONCILER_* variables < ``--set`` < the named
+flags, which ``daemon_overrides`` turns into ``--set`` texts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from reconciler.cli.options import not_implemented, set_option
+
+__all__ = ["daemon", "daemon_overrides"]
+
+
+def daemon_overrides(
+    sets: Sequence[str], *, node_id: str | None, state_dir: str | None
+) -> list[str]:
+    """``--set`` texts followed by the named flags (which therefore win)."""
+    named = {"node.id": node_id, "state_dir": state_dir}
+    return [*sets, *(f"{key}={value}" for key, value in named.items() if value is not None)]
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="Daemon settings file (see docs/configuration.md). Without it: defaults and "
+    "RECONCILER_* variables.",
+)
+@set_option
+@click.option("--node-id", metavar="ID", help="This node's id (sets node.id).")
+@click.option("--state-dir", metavar="DIR", help="State directory (sets state_dir).")
+@click.pass_context
+def daemon(
+    ctx: click.Context,
+    config_file: str | None,
+    sets: tuple[str, ...],
+    node_id: str | None,
+    state_dir: str | None,
+) -> None:
+    """Run the node daemon: keep this node's agents converged on their desired state."""
+    not_implemented(ctx)
