@@ -1,0 +1,346 @@
+"""The Unix-socket heartbeat receiver: JSON lines over a path socket, peer-checked.
+
+What: ``UnixHeartbeatReceiver`` listens on a path socket (never abstract) in a
+private directory (created 0700 when missing; the socket itself is 0660, set before
+``listen`` so no one connects to it earlier). A stale socket is removed at start and
+ours is removed at stop; anything else at the path is an error, never deleted. Each
+connection is an ``asyncio.Protocol`` (about six times cheaper than a StreamReader)
+that splits lines itself: at most ``max_frame_bytes`` per line including the newline,
+counted while still buffered, so a line without an end is refused once it is too
+long. SO_PEERCRED is read on accept; a heartbeat for agent X is accepted when the
+peer is X's process or below it, or the line carries X's token. A bad line gets one
+``{"error": <reason>, "field": <name or null>}`` line and the connection is closed;
+success writes nothing. At most ``lines_per_turn`` lines are handled per callback
+before the connection pauses and gives the loop a turn, so a flood cannot starve the
+control loop.
+
+What not: no meaning of heartbeats (the sink), no HTTP (``http``), no decoding
+rules (``codec``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from reconciler.daemon.clock import Clock, SystemClock
+from reconciler.daemon.heartbeat.codec import HeartbeatError, decode_heartbeat
+from reconciler.daemon.heartbeat.contract import (
+    MAX_FRAME_BYTES,
+    AgentDirectory,
+    AgentIdentity,
+    HeartbeatSink,
+    RejectReason,
+    Transport,
+)
+from reconciler.daemon.heartbeat.identity import PeerChecker, peer_credentials, tokens_match
+from reconciler.daemon.heartbeat.stats import HeartbeatStats, TransportCounters
+
+__all__ = ["SocketPathError", "UnixHeartbeatReceiver", "UnixReceiverConfig", "error_line"]
+
+_log = logging.getLogger(__name__)
+_SOCKET_MODE: Final = 0o660
+_DIR_MODE: Final = 0o700
+
+
+class SocketPathError(RuntimeError):
+    """The socket path is unusable (something that is not a socket is in the way)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnixReceiverConfig:
+    """Limits of the Unix-socket receiver (mirrors the ``heartbeat`` settings)."""
+
+    socket_path: Path
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    """One line, newline included."""
+    max_connections: int = 4096
+    idle_timeout_s: float = 60.0
+    """A connection silent this long is closed (agents send every few seconds)."""
+    allow_unmanaged: bool = False
+    """Hand heartbeats of unknown agent ids to the sink instead of refusing them."""
+    lines_per_turn: int = 256
+    """Lines one connection handles before it yields to the event loop."""
+    backlog: int = 1024
+
+
+def error_line(reason: RejectReason, field: str | None) -> bytes:
+    """The one line written before a connection is closed for ``reason``."""
+    return msgspec.json.encode({"error": reason, "field": field}) + b"\n"
+
+
+class UnixHeartbeatReceiver:
+    """Accepts heartbeat lines on a Unix socket and hands valid ones to the sink."""
+
+    def __init__(
+        self,
+        config: UnixReceiverConfig,
+        *,
+        directory: AgentDirectory,
+        sink: HeartbeatSink,
+        stats: HeartbeatStats | None = None,
+        clock: Clock | None = None,
+        peers: PeerChecker | None = None,
+    ) -> None:
+        self.config = config
+        self.directory = directory
+        self.sink = sink
+        self.stats = stats if stats is not None else HeartbeatStats()
+        self.counters: TransportCounters = self.stats.counters(Transport.UNIX)
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.peers = peers if peers is not None else PeerChecker()
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+
+    @property
+    def path(self) -> Path:
+        """Where the socket lives."""
+        return self.config.socket_path
+
+    async def start(self) -> None:
+        """Bind, set the mode, then listen."""
+        if self._server is not None:
+            raise RuntimeError("the Unix heartbeat receiver is already started")
+        sock = _bind(self.path)
+        info = os.stat(self.path)
+        self._inode = (info.st_dev, info.st_ino)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _Connection(self), sock=sock, backlog=self.config.backlog
+        )
+        _log.info("heartbeat socket listening", extra={"path": str(self.path)})
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, remove our socket file."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for connection in list(self.connections):
+            connection.close()
+        await server.wait_closed()
+        self._remove_own_socket()
+
+    def _remove_own_socket(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(self.path)
+            if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self._inode:
+                self.path.unlink()
+        self._inode = None
+
+
+def _bind(path: Path) -> socket.socket:
+    """A bound (not yet listening) socket at ``path`` with mode 0660."""
+    _prepare_directory(path.parent)
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        os.chmod(path, _SOCKET_MODE)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _prepare_directory(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=_DIR_MODE, parents=True)
+        return
+    if directory.stat().st_mode & 0o002:
+        _log.warning(
+            "heartbeat socket directory is world-writable; use a private directory",
+            extra={"path": str(directory)},
+        )
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+    path.unlink()
+
+
+class _Connection(asyncio.Protocol):
+    """One agent connection: split lines, decode, authenticate, record."""
+
+    def __init__(self, receiver: UnixHeartbeatReceiver) -> None:
+        self._receiver = receiver
+        self._counters = receiver.counters
+        self._config = receiver.config
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._peer_pid: int | None = None
+        self._trusted: tuple[str, int] | None = None
+        self._closing = False
+        self._deferred = False
+        self._paused = False
+        self._last_activity = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        receiver = self._receiver
+        if len(receiver.connections) >= self._config.max_connections:
+            self._counters.reject(RejectReason.TOO_MANY_CONNECTIONS)
+            self._refuse(RejectReason.TOO_MANY_CONNECTIONS, None)
+            return
+        receiver.connections.add(self)
+        self._counters.open_connections += 1
+        credentials = peer_credentials(transport.get_extra_info("socket"))
+        self._peer_pid = credentials.pid if credentials is not None else None
+        self._arm_idle_timer(self._last_activity + self._config.idle_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._buffer.clear()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self in self._receiver.connections:
+            self._receiver.connections.discard(self)
+            self._counters.open_connections -= 1
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last_activity = self._loop.time()
+        self._buffer += data
+        if not self._deferred:
+            self._drain()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; a partial last line is dropped
+
+    def close(self) -> None:
+        """Close without an answer (daemon stopping, idle)."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- line handling -----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        buf = self._buffer
+        limit = self._config.max_frame_bytes
+        received_at_s = self._receiver.clock.monotonic()
+        scan_from, self._scanned = self._scanned, 0
+        start = handled = 0
+        while (end := buf.find(b"\n", max(start, scan_from))) >= 0:
+            if end + 1 - start > limit:
+                self._reject_too_large()
+                return
+            if not self._handle_line(buf[start:end], received_at_s):
+                return
+            start = end + 1
+            handled += 1
+            if handled >= self._config.lines_per_turn:
+                del buf[:start]
+                self._defer()
+                return
+        del buf[:start]
+        if len(buf) >= limit:  # no newline yet and already too long to end in time
+            self._reject_too_large()
+            return
+        self._scanned = len(buf)
+        self._resume_reading()
+
+    def _handle_line(self, line: bytearray, received_at_s: float) -> bool:
+        """Handle one line; False when the connection is being closed."""
+        counters = self._counters
+        counters.received += 1
+        try:
+            heartbeat, token = decode_heartbeat(line, max_bytes=self._config.max_frame_bytes)
+        except HeartbeatError as exc:
+            self._reject(exc.reason, exc.field)
+            return False
+        identity = self._receiver.directory.identity(heartbeat.agent_id)
+        if identity is None:
+            if not self._config.allow_unmanaged:
+                self._reject(RejectReason.UNKNOWN_AGENT, "agent_id")
+                return False
+        elif not self._authorized(heartbeat.agent_id, identity, token):
+            self._reject(RejectReason.FORBIDDEN, "agent_id")
+            return False
+        try:
+            self._receiver.sink.record(heartbeat, received_at_s=received_at_s, transport="unix")
+        except Exception:
+            _log.exception("heartbeat sink failed", extra={"agent_id": heartbeat.agent_id})
+            counters.sink_errors += 1
+        counters.accepted += 1
+        return True
+
+    def _authorized(self, agent_id: str, identity: AgentIdentity, token: str | None) -> bool:
+        agent_pid = identity.pid
+        if agent_pid is not None and self._peer_pid is not None:
+            if self._trusted == (agent_id, agent_pid):
+                return True
+            if self._receiver.peers.is_same_or_descendant(self._peer_pid, agent_pid):
+                self._trusted = (agent_id, agent_pid)
+                return True
+        return token is not None and tokens_match(token, identity.token)
+
+    # -- flow control and closing ------------------------------------------------------
+
+    def _defer(self) -> None:
+        """Give the loop a turn before handling more buffered lines."""
+        self._deferred = True
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._deferred = False
+        if not self._closing:
+            self._drain()
+
+    def _resume_reading(self) -> None:
+        if self._paused and self._transport is not None and not self._closing:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _reject_too_large(self) -> None:
+        self._counters.received += 1
+        self._reject(RejectReason.TOO_LARGE, None)
+
+    def _reject(self, reason: RejectReason, field: str | None) -> None:
+        self._counters.reject(reason)
+        self._refuse(reason, field)
+
+    def _refuse(self, reason: RejectReason, field: str | None) -> None:
+        self._closing = True
+        self._buffer.clear()
+        if self._transport is not None:
+            self._transport.write(error_line(reason, field))
+            self._transport.close()
+
+    def _arm_idle_timer(self, when: float) -> None:
+        self._idle_timer = self._loop.call_at(when, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        if self._closing:
+            return
+        deadline = self._last_activity + self._config.idle_timeout_s
+        if self._loop.time() >= deadline:
+            self.close()
+        else:
+            self._arm_idle_timer(deadline)
