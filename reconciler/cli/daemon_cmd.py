@@ -6,11 +6,14 @@ flags, which ``daemon_overrides`` turns into ``--set`` texts.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import click
 
-from reconciler.cli.options import not_implemented, set_option
+from reconciler.cli.options import set_option
+from reconciler.config import DaemonSettings, load_daemon_settings
+from reconciler.logs import setup_logging
 
 __all__ = ["daemon", "daemon_overrides"]
 
@@ -42,5 +45,25 @@ def daemon(
     node_id: str | None,
     state_dir: str | None,
 ) -> None:
-    """Run the node daemon: keep this node's agents converged on their desired state."""
-    not_implemented(ctx)
+    """Run the node daemon: keep this node's agents converged on their desired state.
+
+    It serves DaemonService on grpc.listen, receives agent heartbeats on
+    heartbeat.socket_path and heartbeat.http_listen, and, when manager.address is
+    set, registers with the Manager and follows its desired state. SIGTERM or SIGINT
+    stops it; agents keep running and are adopted when it starts again.
+    """
+    from reconciler.daemon.app import run_daemon
+
+    overrides = daemon_overrides(sets, node_id=node_id, state_dir=state_dir)
+    settings = load_daemon_settings(config_file, overrides=overrides)
+    apply_logging(ctx, settings)
+    asyncio.run(run_daemon(settings))
+
+
+def apply_logging(ctx: click.Context, settings: DaemonSettings) -> None:
+    """Log as the settings say, unless --log-format/--log-level said otherwise."""
+    state = ctx.find_root().obj
+    setup_logging(
+        getattr(state, "log_format", None) or settings.logging.format,
+        getattr(state, "log_level", None) or settings.logging.level,
+    )

@@ -91,11 +91,6 @@ def test_the_agent_group_has_start_stop_and_restart() -> None:
     ("args", "name"),
     [
         pytest.param(["dev"], "dev", id="dev"),
-        pytest.param(
-            ["daemon", "--config", "d.yaml", "--set", "a.b=1", "--node-id", "n1"],
-            "daemon",
-            id="daemon",
-        ),
         pytest.param(["manager", "--config", "m.yaml"], "manager", id="manager"),
         pytest.param(
             ["apply", "-f", "{file}", "--dry-run", "--wait", "--timeout", "90s"],
@@ -127,11 +122,6 @@ def test_the_agent_group_has_start_stop_and_restart() -> None:
         ),
         pytest.param(["metrics", "a1", "--since", "1h"], "metrics", id="metrics"),
         pytest.param(["events", "--follow", "--agent", "a1"], "events", id="events"),
-        pytest.param(
-            ["certs", "init", "{dir}", "--nodes", "3", "--manager-host", "mgr"],
-            "certs init",
-            id="certs-init",
-        ),
     ],
 )
 def test_commands_not_built_yet_exit_2_saying_so(

@@ -1,0 +1,197 @@
+"""The node daemon end to end: real daemon process, real agents, real gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from reconciler.api.agent.v1 import agent_pb2
+from tests.support.daemon import DaemonProcess, spec, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(tmp_path / "daemon")
+    process.start()
+    yield process
+    process.close()
+
+
+def fleet(n: int, *, version: str = "1") -> list[agent_pb2.AgentSpec]:
+    return [spec(f"a{i:02d}", version=version) for i in range(n)]
+
+
+def test_fifty_agents_converge_and_a_new_generation_acts_on_exactly_its_changes(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, fleet(50))
+    first = wait_for(lambda: len(daemon.running()) == 50 and daemon.running(), what="50 running")
+    assert len({p.pid for p in daemon.node_processes()}) == 50, "one process per agent"
+
+    agents = fleet(50)
+    kept = agents[20:]
+    changed = [spec(a.id, version="2") for a in agents[10:20]]
+    added = [spec(f"b{i}") for i in range(5)]
+    daemon.sync(2, [*changed, *kept, *added])
+
+    def settled() -> dict[str, int] | None:
+        listed = daemon.list()
+        running = daemon.running()
+        ok = listed.observed_generation == 2 and len(running) == 45 and len(listed.agents) == 45
+        return running if ok else None
+
+    second = wait_for(settled, what="generation 2 applied")
+    assert set(second) == {a.id for a in [*changed, *kept, *added]}
+    for agent in kept:
+        assert second[agent.id] == first[agent.id], f"{agent.id} must not restart"
+    for agent in changed:
+        assert second[agent.id] != first[agent.id], f"{agent.id} must restart"
+    for stopped in agents[:10]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(first[stopped.id], 0)
+    assert len({p.pid for p in daemon.node_processes()}) == 45
+
+
+def test_a_killed_agent_is_restarted_at_once_and_a_crash_loop_backs_off(
+    daemon: DaemonProcess,
+) -> None:
+    crashing = spec("crashy", command=("/bin/false",))
+    daemon.sync(1, [spec("steady"), crashing])
+    pid = wait_for(lambda: daemon.running().get("steady"), what="steady running")
+    os.kill(pid, signal.SIGKILL)
+    new_pid = wait_for(
+        lambda: (p := daemon.running().get("steady")) and p != pid and p, what="restart"
+    )
+    assert new_pid != pid
+
+    def backing_off() -> agent_pb2.AgentInfo | None:
+        info = daemon.agents()["crashy"]
+        return (
+            info
+            if info.phase == agent_pb2.AGENT_PHASE_BACKOFF and info.restart_count >= 3
+            else None
+        )
+
+    info = wait_for(backing_off, what="crashy in backoff")
+    assert info.backoff.reason == "exited with code 1"
+    assert info.backoff.next_attempt_at.seconds > 0
+    assert info.last_exit.exit_code == 1
+
+
+def test_stale_and_replayed_generations(daemon: DaemonProcess) -> None:
+    daemon.sync(5, [spec("one")])
+    again = daemon.sync(5, [spec("one")])
+    assert again.unchanged
+    with pytest.raises(grpc.RpcError) as caught:
+        daemon.sync(4, [spec("one")])
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "current generation 5" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        pytest.param(spec("x", command=("bin/sleep", "1")), "command[0]", id="relative-path"),
+        pytest.param(spec("x", command=("/opt/evil/run",)), "command", id="outside-allow-list"),
+        pytest.param(spec("x", command=("/bin/sleep", "a\x00b")), "command[1]", id="nul-byte"),
+        pytest.param(spec("x", command=()), "command", id="empty-argv"),
+    ],
+)
+def test_a_desired_state_with_one_invalid_agent_changes_nothing(
+    daemon: DaemonProcess, bad: agent_pb2.AgentSpec, field: str
+) -> None:
+    daemon.sync(1, [spec("good")])
+    wait_for(lambda: "good" in daemon.running(), what="good running")
+    with pytest.raises(grpc.RpcError) as caught:
+        daemon.sync(2, [spec("good2"), bad])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details()
+    listed = daemon.list()
+    assert listed.current_generation == 1
+    assert set(daemon.agents()) == {"good"}
+
+
+def test_an_agent_ignoring_sigterm_is_killed_at_its_grace_period(daemon: DaemonProcess) -> None:
+    stubborn = spec(
+        "stubborn",
+        command=("/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"),
+        grace=1.0,
+    )
+    daemon.sync(1, [stubborn])
+    pid = wait_for(lambda: daemon.running().get("stubborn"), what="running")
+    started = time.monotonic()
+    daemon.sync(2, [])
+    wait_for(lambda: not daemon.node_processes(), what="all gone")
+    assert time.monotonic() - started >= 1.0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_forking_agent_leaves_no_process_behind_after_stop(daemon: DaemonProcess) -> None:
+    forker = spec(
+        "forker",
+        command=("/bin/sh", "-c", "sleep 300 & setsid sleep 300 & sleep 300 & wait"),
+        grace=2.0,
+    )
+    daemon.sync(1, [forker])
+    wait_for(lambda: len(daemon.node_processes()) >= 4, what="children")
+    daemon.sync(2, [])
+    wait_for(lambda: not daemon.node_processes(), what="no process left")
+
+
+def test_a_killed_daemon_adopts_its_agents_and_restarts_only_the_dead(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, fleet(50))
+    before = wait_for(lambda: len(daemon.running()) == 50 and daemon.running(), what="50")
+    daemon.kill()
+    os.kill(before["a07"], signal.SIGKILL)
+    daemon.start()
+    after = wait_for(lambda: len(daemon.running()) == 50 and daemon.running(), what="50 again")
+    for agent_id, pid in before.items():
+        if agent_id == "a07":
+            assert after[agent_id] != pid
+        else:
+            assert after[agent_id] == pid, f"{agent_id} was restarted"
+    assert daemon.list().current_generation == 1
+    assert len({p.pid for p in daemon.node_processes()}) == 50
+    assert daemon.agents()["a00"].restart_count == 0
+
+
+def test_stop_and_start_overrides_hold_until_a_newer_generation(daemon: DaemonProcess) -> None:
+    daemon.sync(1, [spec("one")])
+    wait_for(lambda: "one" in daemon.running(), what="running")
+    daemon.operate("one", agent_pb2.OPERATION_STOP, operation_id="op-1")
+    wait_for(lambda: daemon.agents()["one"].phase == agent_pb2.AGENT_PHASE_STOPPED, what="stopped")
+    assert daemon.agents()["one"].override == agent_pb2.OVERRIDE_STOP
+    replay = daemon.operate("one", agent_pb2.OPERATION_STOP, operation_id="op-1")
+    assert replay.duplicate
+    daemon.sync(2, [spec("one")])
+    wait_for(lambda: "one" in daemon.running(), what="running again")
+    assert daemon.agents()["one"].override == agent_pb2.OVERRIDE_NONE
+
+
+def test_restart_is_imperative_and_clears_backoff(daemon: DaemonProcess) -> None:
+    daemon.sync(1, [spec("one")])
+    pid = wait_for(lambda: daemon.running().get("one"), what="running")
+    answer = daemon.operate("one", agent_pb2.OPERATION_RESTART)
+    assert answer.message
+    wait_for(lambda: (p := daemon.running().get("one")) and p != pid, what="new pid")
+
+
+def test_unknown_agents_and_bad_ids_get_clear_errors(daemon: DaemonProcess) -> None:
+    with pytest.raises(grpc.RpcError) as missing:
+        daemon.operate("nobody", agent_pb2.OPERATION_RESTART)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as bad:
+        daemon.operate("../x", agent_pb2.OPERATION_RESTART)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "agent_id" in bad.value.details()
