@@ -389,11 +389,12 @@ async def test_an_idle_connection_is_closed(tmp_path: Path) -> None:
         await h.receiver.stop()
 
 
-async def test_a_flood_on_one_connection_yields_to_the_loop_every_few_lines(
+async def test_a_flood_over_many_connections_gives_the_loop_a_turn_every_few_lines(
     tmp_path: Path,
 ) -> None:
     h = Harness(tmp_path, lines_per_turn=50)
-    h.directory.agents["a"] = AgentIdentity(os.getpid(), "")
+    agents = [f"a{i}" for i in range(8)]
+    h.directory.agents.update({a: AgentIdentity(os.getpid(), "") for a in agents})
     await h.receiver.start()
     samples: list[int] = []
 
@@ -403,17 +404,22 @@ async def test_a_flood_on_one_connection_yields_to_the_loop_every_few_lines(
             await asyncio.sleep(0)
 
     tick = asyncio.create_task(ticker())
+    writers = []
     try:
-        _, writer = await h.connect()
-        writer.write(b"".join(heartbeat_line("a", seq=i) for i in range(5_000)))
-        await wait_until(lambda: len(h.sink.records) == 5_000, what="every heartbeat")
-        writer.close()
+        for agent in agents:
+            _, writer = await h.connect()
+            writer.write(b"".join(heartbeat_line(agent, seq=i) for i in range(2_000)))
+            writers.append(writer)
+        await wait_until(lambda: len(h.sink.records) == 16_000, what="every heartbeat")
     finally:
         tick.cancel()
+        for writer in writers:
+            writer.close()
         await h.receiver.stop()
     steps = [b - a for a, b in itertools.pairwise(samples)]
     assert max(steps) <= 50
-    assert [r.heartbeat.seq for r in h.sink.records] == list(range(5_000))
+    for agent in agents:
+        assert [r.heartbeat.seq for r in h.sink.for_agent(agent)] == list(range(2_000))
 
 
 # -- hostile input while good agents heartbeat ------------------------------------------

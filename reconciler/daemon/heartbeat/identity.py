@@ -47,8 +47,10 @@ class PeerCredentials:
     gid: int
 
 
-def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+def peer_credentials(sock: socket.socket | None) -> PeerCredentials | None:
     """SO_PEERCRED of a connected Unix socket (None when the kernel gives none)."""
+    if sock is None:
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except OSError:

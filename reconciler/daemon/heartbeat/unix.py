@@ -10,9 +10,10 @@ counted while still buffered, so a line without an end is refused once it is too
 long. SO_PEERCRED is read on accept; a heartbeat for agent X is accepted when the
 peer is X's process or below it, or the line carries X's token. A bad line gets one
 ``{"error": <reason>, "field": <name or null>}`` line and the connection is closed;
-success writes nothing. At most ``lines_per_turn`` lines are handled per callback
-before the connection pauses and gives the loop a turn, so a flood cannot starve the
-control loop.
+success writes nothing. One budget of ``lines_per_turn`` lines is shared by every
+connection per event-loop turn: a connection that finds it spent pauses reading and
+waits in line for the next turn, so a flood over any number of connections cannot
+starve the control loop.
 
 What not: no meaning of heartbeats (the sink), no HTTP (``http``), no decoding
 rules (``codec``).
@@ -26,6 +27,7 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -68,8 +70,8 @@ class UnixReceiverConfig:
     """A connection silent this long is closed (agents send every few seconds)."""
     allow_unmanaged: bool = False
     """Hand heartbeats of unknown agent ids to the sink instead of refusing them."""
-    lines_per_turn: int = 256
-    """Lines one connection handles before it yields to the event loop."""
+    lines_per_turn: int = 1024
+    """Lines all connections together handle before the event loop gets a turn (~2 ms)."""
     backlog: int = 1024
 
 
@@ -99,6 +101,7 @@ class UnixHeartbeatReceiver:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.peers = peers if peers is not None else PeerChecker()
         self.connections: set[_Connection] = set()
+        self.budget = _TurnBudget(config.lines_per_turn)
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
 
@@ -175,6 +178,45 @@ def _remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
+class _TurnBudget:
+    """Lines every connection together may handle before the event loop gets a turn.
+
+    The first line taken in a turn schedules a refill with ``call_soon``, which runs on
+    the next turn, after everything else that was ready; connections that found the
+    budget spent wait in FIFO order and are resumed by the refill.
+    """
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = max(1, per_turn)
+        self.left = self.per_turn
+        self._armed = False
+        self._waiting: deque[_Connection] = deque()
+
+    def take(self, wanted: int) -> int:
+        """Up to ``wanted`` lines for this turn (0 when spent)."""
+        self._arm()
+        granted = min(wanted, self.left)
+        self.left -= granted
+        return granted
+
+    def wait(self, connection: _Connection) -> None:
+        """Resume ``connection`` on a later turn."""
+        self._waiting.append(connection)
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self._armed:
+            self._armed = True
+            asyncio.get_running_loop().call_soon(self._refill)
+
+    def _refill(self) -> None:
+        self._armed = False
+        self.left = self.per_turn
+        waiting = self._waiting
+        while waiting and self.left > 0:
+            waiting.popleft().resume_after_wait()
+
+
 class _Connection(asyncio.Protocol):
     """One agent connection: split lines, decode, authenticate, record."""
 
@@ -184,12 +226,17 @@ class _Connection(asyncio.Protocol):
         self._config = receiver.config
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._scanned = 0
+        self._clock = receiver.clock
+        self._budget = receiver.budget
+        self._identity = receiver.directory.identity
+        self._record = receiver.sink.record
+        self._max_line_bytes = receiver.config.max_frame_bytes - 1  # without the newline
+        self._partial = bytearray()
+        self._lines: list[bytes] | None = None
+        self._index = 0
         self._peer_pid: int | None = None
         self._trusted: tuple[str, int] | None = None
         self._closing = False
-        self._deferred = False
         self._paused = False
         self._last_activity = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -212,7 +259,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self._buffer.clear()
+        self._partial.clear()
+        self._lines = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         if self in self._receiver.connections:
@@ -223,9 +271,15 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         self._last_activity = self._loop.time()
-        self._buffer += data
-        if not self._deferred:
-            self._drain()
+        if self._lines is not None or b"\n" not in data:
+            self._partial += data  # only new bytes are scanned: a trickle stays linear
+            if self._lines is None:
+                self._check_partial()
+            return
+        if self._partial:
+            data = bytes(self._partial) + data
+            self._partial.clear()
+        self._split(data)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; a partial last line is dropped
@@ -238,41 +292,60 @@ class _Connection(asyncio.Protocol):
 
     # -- line handling -----------------------------------------------------------------
 
-    def _drain(self) -> None:
-        buf = self._buffer
-        limit = self._config.max_frame_bytes
-        received_at_s = self._receiver.clock.monotonic()
-        scan_from, self._scanned = self._scanned, 0
-        start = handled = 0
-        while (end := buf.find(b"\n", max(start, scan_from))) >= 0:
-            if end + 1 - start > limit:
+    def _split(self, data: bytes) -> None:
+        """Queue the complete lines of ``data``; keep its unterminated tail."""
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if tail:
+            self._partial += tail
+        self._lines = lines
+        self._index = 0
+        self._process()
+
+    def _process(self) -> None:
+        """Handle up to ``lines_per_turn`` queued lines, then yield or resume reading."""
+        lines = self._lines
+        assert lines is not None
+        index = self._index
+        stop = index + self._budget.take(len(lines) - index)
+        limit = self._config.max_frame_bytes  # a line and its newline
+        received_at_s = self._clock.monotonic()
+        handle = self._handle_line
+        while index < stop:
+            line = lines[index]
+            index += 1
+            if len(line) >= limit:
                 self._reject_too_large()
                 return
-            if not self._handle_line(buf[start:end], received_at_s):
+            if not handle(line, received_at_s):
                 return
-            start = end + 1
-            handled += 1
-            if handled >= self._config.lines_per_turn:
-                del buf[:start]
-                self._defer()
-                return
-        del buf[:start]
-        if len(buf) >= limit:  # no newline yet and already too long to end in time
-            self._reject_too_large()
+        if index < len(lines):
+            self._index = index
+            self._wait_for_budget()
             return
-        self._scanned = len(buf)
+        self._lines = None
+        if b"\n" in self._partial:  # arrived while we were yielding
+            data = bytes(self._partial)
+            self._partial.clear()
+            self._split(data)
+            return
+        self._check_partial()
         self._resume_reading()
 
-    def _handle_line(self, line: bytearray, received_at_s: float) -> bool:
+    def _check_partial(self) -> None:
+        if len(self._partial) >= self._config.max_frame_bytes:
+            self._reject_too_large()
+
+    def _handle_line(self, line: bytes, received_at_s: float) -> bool:
         """Handle one line; False when the connection is being closed."""
         counters = self._counters
         counters.received += 1
         try:
-            heartbeat, token = decode_heartbeat(line, max_bytes=self._config.max_frame_bytes)
+            heartbeat, token = decode_heartbeat(line, max_bytes=self._max_line_bytes)
         except HeartbeatError as exc:
             self._reject(exc.reason, exc.field)
             return False
-        identity = self._receiver.directory.identity(heartbeat.agent_id)
+        identity = self._identity(heartbeat.agent_id)
         if identity is None:
             if not self._config.allow_unmanaged:
                 self._reject(RejectReason.UNKNOWN_AGENT, "agent_id")
@@ -281,7 +354,7 @@ class _Connection(asyncio.Protocol):
             self._reject(RejectReason.FORBIDDEN, "agent_id")
             return False
         try:
-            self._receiver.sink.record(heartbeat, received_at_s=received_at_s, transport="unix")
+            self._record(heartbeat, received_at_s=received_at_s, transport="unix")
         except Exception:
             _log.exception("heartbeat sink failed", extra={"agent_id": heartbeat.agent_id})
             counters.sink_errors += 1
@@ -300,18 +373,17 @@ class _Connection(asyncio.Protocol):
 
     # -- flow control and closing ------------------------------------------------------
 
-    def _defer(self) -> None:
-        """Give the loop a turn before handling more buffered lines."""
-        self._deferred = True
+    def _wait_for_budget(self) -> None:
+        """Stop reading and let the loop take a turn before handling more lines."""
         if not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        self._loop.call_soon(self._continue)
+        self._budget.wait(self)
 
-    def _continue(self) -> None:
-        self._deferred = False
-        if not self._closing:
-            self._drain()
+    def resume_after_wait(self) -> None:
+        """Called by the budget on a later turn."""
+        if not self._closing and self._lines is not None:
+            self._process()
 
     def _resume_reading(self) -> None:
         if self._paused and self._transport is not None and not self._closing:
@@ -328,7 +400,8 @@ class _Connection(asyncio.Protocol):
 
     def _refuse(self, reason: RejectReason, field: str | None) -> None:
         self._closing = True
-        self._buffer.clear()
+        self._partial.clear()
+        self._lines = None
         if self._transport is not None:
             self._transport.write(error_line(reason, field))
             self._transport.close()
