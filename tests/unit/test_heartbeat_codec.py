@@ -138,19 +138,19 @@ def test_valid_edge_cases_are_accepted(data: bytes) -> None:
         pytest.param(encode(timestamp=-1), RejectReason.BAD_FIELD, "timestamp", id="negative-time"),
         pytest.param(
             encode(timestamp=10**21),
-            RejectReason.BAD_FIELD,
+            RejectReason.BAD_JSON,
             "timestamp",
             id="timestamp-with-22-digits",
         ),
         pytest.param(
             encode().replace(b"1700000000.25", b"9" * 5000),
-            RejectReason.BAD_FIELD,
+            RejectReason.BAD_JSON,
             "timestamp",
             id="5000-digit-timestamp",
         ),
         pytest.param(
             encode().replace(b"12345678", b"9" * 5000),
-            RejectReason.BAD_FIELD,
+            RejectReason.BAD_JSON,
             "memory",
             id="5000-digit-memory",
         ),
@@ -180,17 +180,17 @@ def test_valid_edge_cases_are_accepted(data: bytes) -> None:
         ),
         pytest.param(encode(token=5), RejectReason.BAD_FIELD, "token", id="numeric-token"),
         pytest.param(
-            encode()[:-1] + b',"pid":1}', RejectReason.BAD_FIELD, "pid", id="duplicate-key"
+            encode()[:-1] + b',"pid":1}', RejectReason.BAD_JSON, "pid", id="duplicate-key"
         ),
         pytest.param(
             encode()[:-1] + b',"p\\u0069d":1}',
-            RejectReason.BAD_FIELD,
+            RejectReason.BAD_JSON,
             "pid",
             id="duplicate-key-spelled-with-an-escape",
         ),
         pytest.param(
             encode(version="a:b")[:-1] + b',"cpu":1}',
-            RejectReason.BAD_FIELD,
+            RejectReason.BAD_JSON,
             "cpu",
             id="duplicate-key-beside-a-colon-in-a-string",
         ),
@@ -262,3 +262,8 @@ def test_stats_count_per_transport_and_export_labelled_rows() -> None:
     rows = {(s.name, s.labels): s.value for s in stats.collect()}
     key = ("reconciler_heartbeats_rejected_total", (("transport", "unix"), ("reason", "forbidden")))
     assert rows[key] == 1
+
+
+def test_an_out_of_range_number_followed_by_deep_nesting_is_still_a_plain_refusal() -> None:
+    data = encode()[:-1] + b', "memory": ' + b"9" * 25 + b', "x": ' + b"[" * 60_000 + b"}"
+    assert outcome(data) in {RejectReason.BAD_JSON, RejectReason.BAD_FIELD}

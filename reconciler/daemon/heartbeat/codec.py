@@ -17,8 +17,13 @@ msgspec does not enforce are checked exactly on a slow path that a cheap test ga
   no duplicate, otherwise (a colon inside a string, or a duplicate) the slow path
   re-reads the object with the stdlib parser and an ``object_pairs_hook``;
 - integers of more than 20 digits: the range checks already refuse them in every
-  integer field and in ``cpu``; only ``timestamp`` could carry one, and only when its
-  value is at least 1e20, which sends it to the same slow path.
+  integer field and in ``cpu`` (such a range error is re-read to name it as the JSON
+  error the contract calls it); only ``timestamp`` could carry one and pass, and only
+  when its value is at least 1e20, which sends it to the same slow path.
+
+Reasons follow ``api/heartbeat.md``: duplicate keys, NaN/Infinity, over-long integers
+and anything that is not one JSON object are ``bad_json`` (with the field when known);
+unknown, missing, mistyped, out-of-range or nested fields are ``bad_field``.
 
 What not: no identity checks (``identity``), no I/O, no counting (``stats``).
 """
@@ -103,7 +108,9 @@ def decode_heartbeat(
     token = None if wire.token is msgspec.UNSET else wire.token
     keys = _REQUIRED_FIELDS + (seq is not None) + (token is not None)
     if data.count(b":") != keys or wire.timestamp >= _SUSPICIOUS_TIMESTAMP:
-        _strict_check(data)
+        error = _strict_error(data)
+        if error is not None:
+            raise error
     if wire.agent_id not in _valid_ids:
         _check_agent_id(wire.agent_id)
     if not math.isfinite(wire.timestamp):
@@ -140,7 +147,10 @@ def _decode_wire(data: bytes | bytearray) -> _Wire:
     try:
         return _DECODER.decode(data)
     except msgspec.ValidationError as exc:
-        raise _validation_error(str(exc)) from None
+        message = str(exc)
+        # An over-long integer is a JSON-level error in the contract, not a range error.
+        long_integer = _strict_error(data) if "out of range" in message else None
+        raise long_integer or _validation_error(message) from None
     except msgspec.DecodeError as exc:
         raise HeartbeatError(RejectReason.BAD_JSON, None, _clip(str(exc))) from None
 
@@ -177,17 +187,20 @@ def _check_pairs(pairs: list[tuple[str, object]]) -> None:
     for key, value in pairs:
         if key in seen:
             raise HeartbeatError(
-                RejectReason.BAD_FIELD, key[:_MAX_FIELD_NAME_CHARS], "duplicate key"
+                RejectReason.BAD_JSON, key[:_MAX_FIELD_NAME_CHARS], "duplicate key"
             )
         if value is _LONG_INTEGER:
             detail = f"integer with more than {MAX_INTEGER_DIGITS} digits"
-            raise HeartbeatError(RejectReason.BAD_FIELD, key[:_MAX_FIELD_NAME_CHARS], detail)
+            raise HeartbeatError(RejectReason.BAD_JSON, key[:_MAX_FIELD_NAME_CHARS], detail)
         seen.add(key)
 
 
-def _strict_check(data: bytes | bytearray) -> None:
-    """Re-read an object msgspec accepted, refusing duplicate keys and long integers."""
+def _strict_error(data: bytes | bytearray) -> HeartbeatError | None:
+    """Re-read with the stdlib parser: a duplicate key or an over-long integer, if any."""
     try:
         json.loads(data, object_pairs_hook=_check_pairs, parse_int=_parse_int)
-    except ValueError as exc:  # cannot happen after msgspec accepted it; refuse anyway
-        raise HeartbeatError(RejectReason.BAD_JSON, None, _clip(str(exc))) from None
+    except HeartbeatError as exc:
+        return exc
+    except (ValueError, RecursionError):  # malformed otherwise: msgspec's answer stands
+        return None
+    return None
