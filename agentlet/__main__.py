@@ -1,0 +1,7 @@
+"""``python -m agentlet`` is the ``agentlet`` command."""
+
+from agentlet.cli import main
+
+__all__: list[str] = []
+
+raise SystemExit(main())
