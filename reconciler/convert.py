@@ -5,16 +5,21 @@ added to the API or the model is mapped once. Conversions from protobuf validate
 they raise ``InvalidArgument`` naming the field (in the API's field names) and never
 return a half-built value. Monotonic times in records become wall-clock timestamps
 here, given both clocks' "now".
+
+Documents the Manager stores (desired agent lists, AgentSets, observed records) are
+JSON text in protobuf's canonical JSON mapping; the ``*_json`` functions at the end
+are the one way to write and read them.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, message, struct_pb2, timestamp_pb2
 
 from reconciler.api.agent.v1 import agent_pb2, event_pb2, metrics_pb2
 from reconciler.model.errors import InvalidArgument
@@ -32,16 +37,24 @@ from reconciler.model.status import AgentRecord, Override, Phase
 
 __all__ = [
     "Clocks",
+    "M",
     "event_from_proto",
     "event_to_proto",
+    "message_from_json",
+    "message_to_dict",
+    "message_to_json",
     "node_state_from_proto",
     "operation_from_proto",
     "operation_to_proto",
     "phase_to_proto",
     "record_to_info",
     "spec_from_proto",
+    "spec_messages_from_json",
     "spec_to_proto",
+    "specs_from_json",
+    "specs_to_json",
     "timestamp",
+    "wall_seconds",
 ]
 
 _DESIRED = {
@@ -79,6 +92,8 @@ _OPERATION = {
     agent_pb2.OPERATION_STOP: "stop",
     agent_pb2.OPERATION_RESTART: "restart",
 }
+M = TypeVar("M", bound=message.Message)
+
 _EVENT_TYPES = {t: event_pb2.EventType.Value(f"EVENT_TYPE_{t.name}") for t in EventType}
 
 
@@ -289,6 +304,63 @@ def resource_point(wall_s: float, cpu: float, memory: int) -> metrics_pb2.Resour
     return metrics_pb2.ResourceDataPoint(
         timestamp=timestamp(wall_s), cpu_percent=cpu, memory_bytes=memory
     )
+
+
+# -- stored JSON documents ---------------------------------------------------------
+
+
+def message_to_dict(value: message.Message) -> dict[str, Any]:
+    """A message in protobuf's canonical JSON mapping (camelCase names, enum names),
+    with every field present, so scripts reading it need no defaults."""
+    return json_format.MessageToDict(value, always_print_fields_with_no_presence=True)
+
+
+def message_to_json(value: message.Message) -> str:
+    """A message as compact canonical JSON text (defaults omitted)."""
+    return json.dumps(json_format.MessageToDict(value), separators=(",", ":"), sort_keys=True)
+
+
+def message_from_json(text: str, kind: type[M], *, path: str = "document") -> M:
+    """A message of type ``kind`` from canonical JSON text; ``InvalidArgument`` when
+    the text does not fit it."""
+    try:
+        return json_format.Parse(text, kind(), ignore_unknown_fields=False)
+    except (json_format.ParseError, ValueError) as exc:
+        raise InvalidArgument(path, f"not a {kind.DESCRIPTOR.name}: {exc}") from None
+
+
+def specs_to_json(specs: Sequence[AgentSpec]) -> str:
+    """A node's desired agents as a JSON array of ``agent.v1.AgentSpec``."""
+    items = [json_format.MessageToDict(spec_to_proto(spec)) for spec in specs]
+    return json.dumps(items, separators=(",", ":"), sort_keys=True)
+
+
+def spec_messages_from_json(text: str, *, path: str = "agents") -> list[agent_pb2.AgentSpec]:
+    """The AgentSpec messages of a JSON array written by ``specs_to_json``."""
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(path, f"not JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise InvalidArgument(path, "not a JSON array")
+    messages = []
+    for index, item in enumerate(items):
+        try:
+            messages.append(json_format.ParseDict(item, agent_pb2.AgentSpec()))
+        except (json_format.ParseError, ValueError) as exc:
+            raise InvalidArgument(f"{path}[{index}]", f"not an AgentSpec: {exc}") from None
+    return messages
+
+
+def specs_from_json(text: str, *, path: str = "agents") -> tuple[AgentSpec, ...]:
+    """The model specs of a JSON array written by ``specs_to_json``."""
+    messages = spec_messages_from_json(text, path=path)
+    return tuple(spec_from_proto(m, path=f"{path}[{i}]") for i, m in enumerate(messages))
+
+
+def wall_seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    """Unix seconds of a protobuf Timestamp."""
+    return stamp.ToNanoseconds() / 1e9
 
 
 def _key_for(table: Mapping[Any, Any], value: object) -> Any:
