@@ -29,16 +29,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from reconciler import failpoints
+from reconciler.daemon import procfs
 from reconciler.daemon.clock import Clock
 from reconciler.daemon.events import EventLog
 from reconciler.daemon.heartbeat import AgentIdentity
 from reconciler.daemon.store import OperationResult, OverrideEntry, ProcessEntry, StateStore
-from reconciler.daemon.supervisor import ProcessHandle, SpawnError, Supervisor
+from reconciler.daemon.supervisor import AGENT_ID_ENV, ProcessHandle, SpawnError, Supervisor
 from reconciler.daemon.workqueue import WorkQueue
 from reconciler.model.errors import Conflict, InvalidArgument, NotFound, StaleGeneration
 from reconciler.model.events import EventType
 from reconciler.model.heartbeat import Heartbeat
-from reconciler.model.ids import AgentId, Generation, NodeId, OperationId
+from reconciler.model.ids import AgentId, Generation, NodeId, OperationId, is_valid_agent_id
 from reconciler.model.spec import AgentSpec, DesiredState, NodeDesiredState, validate_node_state
 from reconciler.model.status import AgentRecord, ExitInfo, Override, Phase
 from reconciler.reconcile import (
@@ -69,11 +70,13 @@ __all__ = [
     "ApplyOutcome",
     "CommandResolver",
     "Controller",
+    "NodeProcess",
     "Operation",
     "OperationOutcome",
     "ResourceTracker",
     "UpdateOutcome",
     "UpdateResult",
+    "scan_node_processes",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,32 @@ class CommandResolver(Protocol):
     def resolve(self, command: Sequence[str], *, field: str) -> tuple[str, ...]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class NodeProcess:
+    """A live process whose environment names this node and one of its agents."""
+
+    agent_id: AgentId
+    pid: int
+    start_ticks: int
+    cmdline: tuple[str, ...]
+
+
+NODE_ID_ENV = "RECONCILER_NODE_ID"
+
+
+def scan_node_processes(node_id: NodeId) -> list[NodeProcess]:
+    """Every live process started for an agent of ``node_id`` (read from /proc)."""
+    found = []
+    for stat in procfs.scan():
+        if stat.zombie or procfs.read_environ_value(stat.pid, NODE_ID_ENV) != node_id:
+            continue
+        agent_id = procfs.read_environ_value(stat.pid, AGENT_ID_ENV) or ""
+        cmdline = procfs.read_cmdline(stat.pid)
+        if is_valid_agent_id(agent_id) and cmdline:
+            found.append(NodeProcess(AgentId(agent_id), stat.pid, stat.start_ticks, cmdline))
+    return found
+
+
 class Controller:
     """Owns the node's desired state and every agent record."""
 
@@ -167,6 +196,7 @@ class Controller:
         config_dir: Path,
         tracker: ResourceTracker | None = None,
         workers: int = 4,
+        scan: Callable[[NodeId], Sequence[NodeProcess]] = scan_node_processes,
     ) -> None:
         self.node_id = node_id
         self._store = store
@@ -179,6 +209,7 @@ class Controller:
         self._config_dir = config_dir
         self._worker_count = workers
         self._tracker = tracker
+        self._scan = scan
         self._queue: WorkQueue[AgentId] = WorkQueue()
         self._desired = NodeDesiredState(Generation(0))
         self._specs: dict[AgentId, AgentSpec] = {}
@@ -215,6 +246,7 @@ class Controller:
         self._set_desired(loaded.state)
         self._overrides = self._store.load_overrides()
         self._adopt(self._store.load_processes())
+        await self._stop_unrecorded()
         for _ in range(self._worker_count):
             self._spawn(self._work())
         self._spawn(self._write_processes())
@@ -671,7 +703,7 @@ class Controller:
         env["RECONCILER_AGENT_ID"] = spec.id
         env["RECONCILER_AGENT_TOKEN"] = token
         env["RECONCILER_AGENT_VERSION"] = spec.version
-        env["RECONCILER_NODE_ID"] = self.node_id
+        env[NODE_ID_ENV] = self.node_id
         if spec.heartbeat is not None:
             env["RECONCILER_HEARTBEAT_INTERVAL_S"] = repr(spec.heartbeat.interval_s)
         if spec.config:
@@ -788,6 +820,43 @@ class Controller:
                 reason="Adopted",
                 message=f"pid {handle.pid}",
             )
+
+    async def _stop_unrecorded(self) -> None:
+        """Stop agent processes a previous daemon spawned but never recorded.
+
+        A daemon killed between spawning an agent and saving its pid leaves a process
+        that adoption cannot know; starting the agent again would run it twice. Such a
+        process still carries this node's id and its agent's id in its environment, so
+        it is found in /proc and stopped before any worker starts an agent. Processes
+        of adopted agents (their children and helpers carry the same ids) are left alone.
+        """
+        found = await asyncio.to_thread(self._scan, self.node_id)
+        strays = []
+        for process in found:
+            if process.agent_id in self._handles:
+                continue
+            handle = self._supervisor.adopt(
+                process.agent_id,
+                pid=process.pid,
+                start_ticks=process.start_ticks,
+                cmdline=process.cmdline,
+            )
+            if handle is not None:
+                strays.append(handle)
+                self.events.emit(
+                    EventType.AGENT_STOPPED,
+                    agent_id=process.agent_id,
+                    reason="Unrecorded",
+                    message=f"pid {process.pid} was started but never recorded; stopping it",
+                )
+        await asyncio.gather(
+            *(self._supervisor.stop(h, grace_s=self._stray_grace(h.agent_id)) for h in strays),
+            return_exceptions=True,
+        )
+
+    def _stray_grace(self, agent_id: AgentId) -> float:
+        spec = self._specs.get(agent_id)
+        return spec.stop_grace_period_s if spec else 10.0
 
     def _process_snapshot(self) -> dict[AgentId, ProcessEntry]:
         wall, mono = self._clock.wall(), self._clock.monotonic()
