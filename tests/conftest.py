@@ -5,20 +5,26 @@ named by ``RECONCILER_TEST_POSTGRES_DSN``, else a throwaway server started from 
 machine's PostgreSQL packages (installed with apt-get when absent and running as root;
 see ``tests/support/postgres.py``). A test that needs fresh tables wraps the DSN in
 ``tests.support.postgres.isolated_schema``.
+
+Hypothesis runs without deadlines or speed health checks: CI machines are shared.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-# The repository root, so ``tests.support`` imports under any pytest import mode.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.postgres import ENV_DSN, ensure_bindir, start_server
+
+# The test machines are shared and noisy: judge properties by their outcome, never by
+# how fast examples were generated or ran.
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
