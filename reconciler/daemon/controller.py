@@ -341,8 +341,9 @@ class Controller:
                 return ApplyOutcome(generation=current.generation, changed=False)
             await asyncio.to_thread(self._store.save, resolved)
             failpoints.failpoint("controller.after_persist")
-            touched = set(self._specs) | {spec.id for spec in resolved.agents}
+            touched = set(self._specs) | self._pending | {spec.id for spec in resolved.agents}
             self._set_desired(resolved)
+            self._pending |= touched
             self._patches = {}
             if self._overrides:
                 self._overrides = {}
@@ -353,7 +354,6 @@ class Controller:
             message=f"generation {resolved.generation} with {len(resolved.agents)} agents",
         )
         ctx = otel_context.get_current()
-        self._pending |= touched
         for agent_id in touched:
             self._causes[agent_id] = ctx
             self._queue.add(agent_id)
@@ -584,11 +584,12 @@ class Controller:
 
     async def _reconcile(self, agent_id: AgentId) -> None:
         started = self._clock.monotonic()
+        generation = self._desired.generation
         spec = self._effective_spec(agent_id)
         record = self._records.get(agent_id)
         if record is None:
             if spec is None:
-                self._acted(agent_id)
+                self._acted(agent_id, generation)
                 return
             record = AgentRecord(agent_id=agent_id)
         cause = self._causes.pop(agent_id, None)
@@ -601,14 +602,15 @@ class Controller:
                 await self._execute(agent_id, action)
         if decision.requeue_after_s is not None:
             self._queue.add_after(agent_id, decision.requeue_after_s)
-        self._acted(agent_id)
+        self._acted(agent_id, generation)
         self.reconcile_passes += 1
         self.reconcile_seconds += self._clock.monotonic() - started
         if decision.actions:
             self._changed()
 
-    def _acted(self, agent_id: AgentId) -> None:
-        if agent_id in self._pending:
+    def _acted(self, agent_id: AgentId, generation: Generation) -> None:
+        """A pass that read ``generation`` is done; it counts only if that is still current."""
+        if agent_id in self._pending and generation == self._desired.generation:
             self._pending.discard(agent_id)
             self._mark_observed()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -328,6 +329,52 @@ def test_observed_generation_follows_only_once_every_touched_agent_was_reconcile
         assert node.controller.observed_generation == 0
         await node.settle()
         assert node.controller.observed_generation == 1
+
+    node_test(body, tmp_path)
+
+
+def test_observed_generation_does_not_claim_a_generation_whose_agents_wait(
+    tmp_path: Path,
+) -> None:
+    """A pass over generation 2 that ends while generation 3 is being applied does not
+    make generation 3 observed before its own agents were reconciled."""
+
+    async def body(node: Node) -> None:
+        await node.apply(1, agent("x"))
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+        passed = threading.Event()
+        start = node.supervisor.start
+
+        async def slow_start(spec: AgentSpec, *, env: Any) -> ProcessHandle:
+            if spec.id == "slow":
+                await gate.wait()
+            handle = await start(spec, env=env)
+            passed.set()
+            return handle
+
+        node.supervisor.start = slow_start  # type: ignore[method-assign]
+        await node.controller.apply(NodeDesiredState(Generation(2), (agent("x"), agent("slow"))))
+        await node.controller.operate(AgentId("x"), "stop")
+        await node.settle()  # a worker now waits inside the start of "slow"
+        assert node.controller.observed_generation == 1
+        save_overrides = node.store.save_overrides
+
+        def saving(overrides: Any) -> None:
+            save_overrides(overrides)
+            passed.clear()
+            loop.call_soon_threadsafe(gate.set)
+            passed.wait(timeout=10)
+
+        node.store.save_overrides = saving  # type: ignore[method-assign]
+        state = NodeDesiredState(Generation(3), (agent("x"), agent("slow"), agent("new")))
+        await node.controller.apply(state)
+        assert passed.is_set(), "the pass over generation 2 ended during the apply"
+        assert node.starts_of("new") == 0
+        assert node.controller.observed_generation < 3
+        await node.settle()
+        assert node.starts_of("new") == 1
+        assert node.controller.observed_generation == 3
 
     node_test(body, tmp_path)
 
