@@ -139,6 +139,15 @@ class AgentView:
     override: Override | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Beat:
+    """The latest heartbeat of an agent and when it arrived (both clocks)."""
+
+    heartbeat: Heartbeat
+    received_at_s: float
+    received_wall_s: float
+
+
 class ResourceTracker(Protocol):
     """Samples live agents' resources (``reconciler.daemon.monitor.ResourceMonitor``)."""
 
@@ -219,6 +228,7 @@ class Controller:
         self._handles: dict[AgentId, ProcessHandle] = {}
         self._tokens: dict[AgentId, str] = {}
         self._unmanaged: dict[AgentId, Heartbeat] = {}
+        self._beats: dict[AgentId, _Beat] = {}
         self._causes: dict[AgentId, otel_context.Context] = {}
         self._pending: set[AgentId] = set()
         self._updating: set[AgentId] = set()
@@ -305,7 +315,7 @@ class Controller:
 
     def agent(self, agent_id: AgentId) -> AgentView:
         spec = self._spec(agent_id)
-        record = self._records.get(agent_id)
+        record = self._current_record(agent_id)
         if spec is None and record is None:
             raise NotFound("agent", agent_id)
         override = self._overrides.get(agent_id)
@@ -548,16 +558,39 @@ class Controller:
         )
 
     def record(self, heartbeat: Heartbeat, *, received_at_s: float, transport: str) -> None:
-        record = self._records.get(heartbeat.agent_id)
+        """Keep the agent's latest heartbeat; wake its reconcile only when it matters.
+
+        This is the hot path (every agent, every interval): it stores the beat beside
+        the record, and the record absorbs it when it is next read
+        (``_current_record``), so a steady agent costs a dict write per heartbeat.
+        """
+        agent_id = heartbeat.agent_id
+        record = self._records.get(agent_id)
         if record is None:
-            self._unmanaged[heartbeat.agent_id] = heartbeat
+            self._unmanaged[agent_id] = heartbeat
             return
-        first = record.last_heartbeat_s is None
-        previous_status = record.reported_status
-        updated = on_heartbeat(record, heartbeat, now=received_at_s, wall_now=self._clock.wall())
-        self._records[heartbeat.agent_id] = updated
-        if first or record.phase is not Phase.RUNNING or previous_status != heartbeat.status:
-            self._queue.add(heartbeat.agent_id)
+        previous = self._beats.get(agent_id)
+        self._beats[agent_id] = _Beat(heartbeat, received_at_s, self._clock.wall())
+        if (
+            previous is None
+            or record.phase is not Phase.RUNNING
+            or previous.heartbeat.status != heartbeat.status
+        ):
+            self._queue.add(agent_id)
+
+    def _current_record(self, agent_id: AgentId) -> AgentRecord | None:
+        """The record with its latest heartbeat absorbed (and stored back)."""
+        record = self._records.get(agent_id)
+        beat = self._beats.get(agent_id)
+        if record is None or beat is None or not record.alive:
+            return record
+        if record.last_heartbeat_s is not None and beat.received_at_s <= record.last_heartbeat_s:
+            return record
+        record = on_heartbeat(
+            record, beat.heartbeat, now=beat.received_at_s, wall_now=beat.received_wall_s
+        )
+        self._records[agent_id] = record
+        return record
 
     def record_samples(self, samples: Mapping[AgentId, tuple[float, int]]) -> None:
         """Resource samples from the monitor: (cpu percent, memory bytes) per agent."""
@@ -586,7 +619,7 @@ class Controller:
         started = self._clock.monotonic()
         generation = self._desired.generation
         spec = self._effective_spec(agent_id)
-        record = self._records.get(agent_id)
+        record = self._current_record(agent_id)
         if record is None:
             if spec is None:
                 self._acted(agent_id, generation)
@@ -680,6 +713,7 @@ class Controller:
                 return
         failpoints.failpoint("supervisor.after_spawn_before_record")
         self._handles[agent_id] = handle
+        self._beats.pop(agent_id, None)
         self._records[agent_id] = on_started(
             record,
             spec,
@@ -740,6 +774,7 @@ class Controller:
 
     def _forget(self, agent_id: AgentId) -> None:
         self._records.pop(agent_id, None)
+        self._beats.pop(agent_id, None)
         if self._tracker is not None:
             self._tracker.forget(agent_id)
         self._tokens.pop(agent_id, None)
@@ -754,6 +789,7 @@ class Controller:
         if current is None or current.pid != handle.pid or record is None:
             return
         del self._handles[agent_id]
+        self._beats.pop(agent_id, None)
         spec = self._effective_spec(agent_id)
         updated = on_exit(record, exit_info, spec=spec, now=exit_info.at_s, policy=self._policy)
         self._records[agent_id] = updated
