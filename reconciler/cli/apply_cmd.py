@@ -1,14 +1,43 @@
-"""``reconciler apply -f FILE``: send AgentSets to the Manager (FleetService)."""
+"""``reconciler apply -f FILE``: send AgentSets to the Manager (FleetService).
+
+Every file is read and checked locally first (``reconciler.manager.agentset``, the
+same rules the Manager applies again), so a typo fails before anything is sent. Each
+AgentSet is then applied in turn and its result printed: created, configured or
+unchanged, with the changes per node. ``--dry-run`` asks the Manager what would
+change and changes nothing.
+
+``--wait`` then polls the Manager until the applied sets have converged (every node
+they touch has acted on its desired generation, and every agent of theirs that should
+run is Running), showing a progress bar of nodes and agents on stderr. It exits 1
+with the reasons when an agent fails for good or the timeout passes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from reconciler.api.agent.v1 import agent_pb2, node_pb2
+from reconciler.api.fleet.v1 import fleet_pb2
+from reconciler.cli.client import FleetClient, run
 from reconciler.cli.connection import ManagerConnection, manager_options
-from reconciler.cli.options import DURATION, not_implemented
-from reconciler.cli.output import OutputFormat, output_option
+from reconciler.cli.get_cmd import enum_word
+from reconciler.cli.options import DURATION, CliError
+from reconciler.cli.output import OutputFormat, output_option, print_records
+from reconciler.convert import message_to_dict
+from reconciler.manager.agentset import AgentSetFileError, load_agent_set_file
 
-__all__ = ["apply"]
+__all__ = ["Convergence", "apply", "convergence", "describe_change"]
+
+#: Seconds between two polls of --wait.
+POLL_INTERVAL_S: Final = 0.5
 
 
 @click.command()
@@ -43,4 +72,200 @@ def apply(
     output: OutputFormat,
 ) -> None:
     """Create or update the AgentSets in FILE."""
-    not_implemented(ctx)
+    try:
+        agent_sets = [message for path in files for message in load_agent_set_file(path)]
+    except AgentSetFileError as error:
+        raise CliError(str(error)) from None
+    client = FleetClient(connection)
+    responses = run(_apply(client, agent_sets, dry_run=dry_run), address=client.address)
+    _print_results(responses, output, dry_run=dry_run)
+    if wait and not dry_run:
+        final = run(_wait(client, responses, timeout_s=timeout), address=client.address)
+        if not final.converged:
+            raise CliError(_failure_text(final, timeout_s=timeout))
+
+
+async def _apply(
+    client: FleetClient, agent_sets: Sequence[fleet_pb2.AgentSet], *, dry_run: bool
+) -> list[fleet_pb2.ApplyAgentSetResponse]:
+    responses = []
+    async with client:
+        for agent_set in agent_sets:
+            request = fleet_pb2.ApplyAgentSetRequest(agent_set=agent_set, dry_run=dry_run)
+            responses.append(await client.fleet.ApplyAgentSet(request, timeout=client.timeout_s))
+    return responses
+
+
+# ------------------------------------------------------------------------ printing
+
+
+def describe_change(change: fleet_pb2.NodeChange) -> str:
+    """One node's change: ``edge-1  generation 3 -> 4  +shipper ~tail -old``."""
+    parts = [f"+{a}" for a in change.added_agent_ids]
+    parts += [f"~{a}" for a in change.changed_agent_ids]
+    parts += [f"-{a}" for a in change.removed_agent_ids]
+    generations = f"generation {change.previous_generation} -> {change.generation}"
+    return f"  {change.node_id}  {generations}  {' '.join(parts)}".rstrip()
+
+
+def _verb(response: fleet_pb2.ApplyAgentSetResponse, *, dry_run: bool) -> str:
+    if not response.changed:
+        return "unchanged"
+    created = response.agent_set.metadata.revision == 1
+    verb = "created" if created else "configured"
+    return f"{verb} (dry run)" if dry_run else verb
+
+
+def _print_results(
+    responses: Sequence[fleet_pb2.ApplyAgentSetResponse], output: OutputFormat, *, dry_run: bool
+) -> None:
+    if output is not OutputFormat.TABLE:
+        print_records([message_to_dict(r) for r in responses], output)
+        return
+    for response in responses:
+        name = response.agent_set.metadata.name
+        revision = response.agent_set.metadata.revision
+        click.echo(f"agentset/{name} {_verb(response, dry_run=dry_run)} (revision {revision})")
+        for change in response.node_changes:
+            click.echo(describe_change(change))
+        if response.changed and not response.node_changes:
+            click.echo("  no node's agents change")
+
+
+# ------------------------------------------------------------------------ --wait
+
+
+@dataclass(frozen=True, slots=True)
+class Convergence:
+    """How far the applied sets have come: counts for the progress bar, what is
+    still pending, and what failed for good."""
+
+    nodes_total: int = 0
+    nodes_done: int = 0
+    agents_total: int = 0
+    agents_running: int = 0
+    pending: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+
+    @property
+    def converged(self) -> bool:
+        return not self.pending and not self.failed
+
+
+@dataclass
+class _Tally:
+    nodes_total: int = 0
+    nodes_done: int = 0
+    agents_total: int = 0
+    agents_running: int = 0
+    pending: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def _phase(info: agent_pb2.AgentInfo) -> str:
+    name = enum_word(agent_pb2.AgentPhase.Name(info.phase), "AGENT_PHASE_")
+    return f"{name} ({info.message})" if info.message else name
+
+
+def convergence(
+    targets: dict[str, int],
+    nodes: Sequence[node_pb2.NodeInfo],
+    agents: Sequence[agent_pb2.AgentState],
+) -> Convergence:
+    """Pure: have the nodes in ``targets`` (node id -> generation the apply produced)
+    and the desired-running ``agents`` of the applied sets converged?"""
+    tally = _Tally()
+    by_id = {node.node_id: node for node in nodes}
+    acted: set[str] = set()
+    for node_id, generation in sorted(targets.items()):
+        tally.nodes_total += 1
+        node = by_id.get(node_id)
+        wanted = max(generation, node.desired_generation if node else 0)
+        if node is not None and node.observed_generation >= wanted:
+            tally.nodes_done += 1
+            acted.add(node_id)
+        elif node is None:
+            tally.pending.append(f"node {node_id}: no longer registered")
+        else:
+            status = enum_word(node_pb2.NodeStatus.Name(node.status), "NODE_STATUS_")
+            tally.pending.append(
+                f"node {node_id}: observed generation {node.observed_generation} < "
+                f"{wanted} (status {status})"
+            )
+    for state in agents:
+        if state.spec.state != agent_pb2.DESIRED_STATE_RUNNING:
+            continue
+        tally.agents_total += 1
+        where = f"agent {state.spec.id} on {state.node_id}"
+        if state.info.phase == agent_pb2.AGENT_PHASE_RUNNING and state.node_id in acted:
+            tally.agents_running += 1
+        elif state.info.phase == agent_pb2.AGENT_PHASE_FAILED and state.node_id in acted:
+            tally.failed.append(f"{where}: {_phase(state.info)}")
+        else:
+            tally.pending.append(
+                f"{where}: {_phase(state.info) if state.HasField('info') else 'not reported yet'}"
+            )
+    return Convergence(
+        tally.nodes_total,
+        tally.nodes_done,
+        tally.agents_total,
+        tally.agents_running,
+        tuple(tally.pending),
+        tuple(tally.failed),
+    )
+
+
+async def _snapshot(
+    client: FleetClient, names: Sequence[str]
+) -> tuple[list[node_pb2.NodeInfo], list[agent_pb2.AgentState]]:
+    nodes = await client.fleet.ListNodes(fleet_pb2.ListNodesRequest(), timeout=client.timeout_s)
+    agents: list[agent_pb2.AgentState] = []
+    for name in names:
+        request = fleet_pb2.ListAgentsRequest(agent_set=name)
+        listed = await client.fleet.ListAgents(request, timeout=client.timeout_s)
+        agents.extend(listed.agents)
+    return list(nodes.nodes), agents
+
+
+def _targets(
+    responses: Sequence[fleet_pb2.ApplyAgentSetResponse], agents: Sequence[agent_pb2.AgentState]
+) -> dict[str, int]:
+    targets: dict[str, int] = {state.node_id: 0 for state in agents}
+    for response in responses:
+        for change in response.node_changes:
+            targets[change.node_id] = max(targets.get(change.node_id, 0), change.generation)
+    return targets
+
+
+async def _wait(
+    client: FleetClient,
+    responses: Sequence[fleet_pb2.ApplyAgentSetResponse],
+    *,
+    timeout_s: float,
+) -> Convergence:
+    """Poll until converged, an agent failed for good, or the timeout; the last state."""
+    names = [r.agent_set.metadata.name for r in responses]
+    deadline = time.monotonic() + timeout_s
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+        nodes_bar = progress.add_task("nodes converged ", total=None)
+        agents_bar = progress.add_task("agents running  ", total=None)
+        async with client:
+            while True:
+                nodes, agents = await _snapshot(client, names)
+                state = convergence(_targets(responses, agents), nodes, agents)
+                progress.update(nodes_bar, total=state.nodes_total, completed=state.nodes_done)
+                progress.update(
+                    agents_bar, total=state.agents_total, completed=state.agents_running
+                )
+                if state.converged or state.failed or time.monotonic() >= deadline:
+                    return state
+                await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def _failure_text(state: Convergence, *, timeout_s: float) -> str:
+    if state.failed:
+        lines = ["failed: agents stopped for good:", *(f"  {p}" for p in state.failed)]
+    else:
+        lines = [f"not converged within {timeout_s:g}s:", *(f"  {p}" for p in state.pending)]
+    return "\n".join(lines)

@@ -5,9 +5,13 @@ Settings come from ``--config`` < RECONCILER_* variables < ``--set``.
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 
-from reconciler.cli.options import not_implemented, set_option
+from reconciler.cli.options import set_option
+from reconciler.config import ManagerSettings, load_manager_settings
+from reconciler.logs import setup_logging
 
 __all__ = ["manager"]
 
@@ -23,5 +27,23 @@ __all__ = ["manager"]
 @set_option
 @click.pass_context
 def manager(ctx: click.Context, config_file: str | None, sets: tuple[str, ...]) -> None:
-    """Run the Manager: store AgentSets and push each node its desired state."""
-    not_implemented(ctx)
+    """Run the Manager: store AgentSets and push each node its desired state.
+
+    It serves ManagerService (for daemons) and FleetService (for this CLI) on
+    grpc.listen and Prometheus metrics on metrics.listen, keeping its state in SQLite
+    under state_dir or in PostgreSQL. SIGTERM or SIGINT stops it gracefully.
+    """
+    from reconciler.manager.app import run_manager
+
+    settings = load_manager_settings(config_file, overrides=sets)
+    _apply_logging(ctx, settings)
+    asyncio.run(run_manager(settings))
+
+
+def _apply_logging(ctx: click.Context, settings: ManagerSettings) -> None:
+    """Log as the settings say, unless --log-format/--log-level said otherwise."""
+    state = ctx.find_root().obj
+    setup_logging(
+        getattr(state, "log_format", None) or settings.logging.format,
+        getattr(state, "log_level", None) or settings.logging.level,
+    )

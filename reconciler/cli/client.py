@@ -1,0 +1,131 @@
+"""A small FleetService client for the commands: channel, deadlines, TLS, errors.
+
+``FleetClient`` opens one channel to the Manager that ``connection.py`` resolves
+(``--manager``, ``RECONCILER_MANAGER``, the client file, the default), with mutual
+TLS when ``--tls-ca/--tls-cert/--tls-key`` are given and an insecure loopback channel
+otherwise. Every unary call carries ``timeout_s`` as its deadline; streams that
+follow events run until the command stops them.
+
+``run`` runs a command's coroutine and turns a failed RPC into one clean line naming
+the gRPC status, e.g. ``UNAVAILABLE: cannot reach the Manager at 127.0.0.1:7060 ...``.
+``recent_events`` reads the stored events
+that match a filter (WatchEvents replays them first; the replay is over when the
+stream goes quiet).
+
+What it does not do: print (``output.py`` and the commands do), or talk to daemons
+directly (the ``--daemon`` paths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Mapping
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import grpc
+
+from reconciler import tls
+from reconciler.api.agent.v1 import event_pb2
+from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from reconciler.cli.connection import ManagerConnection, resolve_manager_address
+from reconciler.cli.options import CliError
+from reconciler.convert import timestamp
+from reconciler.rpc import channel_options
+
+__all__ = ["DEFAULT_TIMEOUT_S", "FleetClient", "recent_events", "rpc_error_line", "run"]
+
+T = TypeVar("T")
+
+#: Deadline of each unary call, in seconds.
+DEFAULT_TIMEOUT_S: Final = 10.0
+#: A replay of stored events is over when nothing arrives for this long.
+_REPLAY_IDLE_S: Final = 0.5
+
+
+def rpc_error_line(error: grpc.aio.AioRpcError, *, address: str) -> str:
+    """One line for a failed call: the status name, the details, and where."""
+    code = error.code()
+    name = code.name if code is not None else "UNKNOWN"
+    details = " ".join((error.details() or "").split())
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"{name}: cannot reach the Manager at {address}: {details}"
+    return f"{name}: {details}"
+
+
+class FleetClient:
+    """One channel to the Manager and a FleetService stub on it."""
+
+    def __init__(
+        self,
+        connection: ManagerConnection,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        env: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.address = resolve_manager_address(connection.manager, env=env).address
+        self.timeout_s = timeout_s
+        self._tls = tls.settings_from_files(
+            connection.tls.ca_file, connection.tls.cert_file, connection.tls.key_file
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._fleet: fleet_pb2_grpc.FleetServiceAsyncStub | None = None
+
+    async def __aenter__(self) -> FleetClient:
+        self._channel = tls.secure_channel(self.address, self._tls, options=channel_options())
+        self._fleet = fleet_pb2_grpc.FleetServiceStub(self._channel)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def fleet(self) -> fleet_pb2_grpc.FleetServiceAsyncStub:
+        """The FleetService stub (inside ``async with``)."""
+        if self._fleet is None:
+            raise RuntimeError("use FleetClient in `async with`")
+        return self._fleet
+
+
+def run(coroutine: Coroutine[Any, Any, T], *, address: str = "the Manager") -> T:
+    """Run a command's coroutine; a failed RPC becomes a one-line ``CliError``."""
+    try:
+        return asyncio.run(coroutine)
+    except grpc.aio.AioRpcError as error:
+        raise CliError(rpc_error_line(error, address=address)) from None
+
+
+async def recent_events(
+    client: FleetClient,
+    *,
+    node_id: str = "",
+    agent_id: str = "",
+    limit: int = 0,
+) -> list[event_pb2.Event]:
+    """The stored events matching the filter, oldest first (the last ``limit`` only,
+    when it is set)."""
+    request = fleet_pb2.WatchEventsRequest(node_id=node_id, agent_id=agent_id, since=timestamp(0))
+    call = client.fleet.WatchEvents(request)
+    events: list[event_pb2.Event] = []
+    wait_s = client.timeout_s
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(call.read(), wait_s)
+            except TimeoutError:
+                break
+            if not isinstance(event, event_pb2.Event):
+                break  # the end of the stream
+            events.append(event)
+            wait_s = _REPLAY_IDLE_S
+    finally:
+        call.cancel()
+    return events[-limit:] if limit else events

@@ -1,0 +1,312 @@
+"""The operator commands against a real Manager on port 0 with fake daemons.
+
+The CLI runs in a worker thread (it runs its own event loop), the Manager and the
+fake daemons in the test's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from reconciler.api.agent.v1 import agent_pb2
+from reconciler.api.fleet.v1 import fleet_pb2
+from reconciler.api.manager.v1 import manager_pb2
+from reconciler.cli.main import cli
+from reconciler.manager.store.memory import MemoryStore
+from tests.integration.test_manager_support import (
+    FakeDaemon,
+    Manager,
+    fake_daemon,
+    manager_settings,
+    running_manager,
+    until,
+)
+
+SHIPPERS = """\
+apiVersion: reconciler/v1
+kind: AgentSet
+metadata:
+  name: shippers
+spec:
+  nodeSelector:
+    matchLabels: {role: edge}
+  agents:
+    - id: ship
+      command: [/bin/sleep, "600"]
+      version: "1.0"
+      labels: {team: obs}
+    - id: spare
+      command: [/bin/sleep, "600"]
+      state: stopped
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[Manager]:
+    async with running_manager(manager_settings(tmp_path), store=MemoryStore()) as running:
+        yield running
+
+
+@pytest.fixture
+async def fleet(manager: Manager) -> AsyncIterator[dict[str, FakeDaemon]]:
+    async with (
+        fake_daemon("edge-1") as edge_1,
+        fake_daemon("edge-2") as edge_2,
+        fake_daemon("core-1") as core_1,
+    ):
+        await manager.register("edge-1", labels={"role": "edge"}, daemon=edge_1)
+        await manager.register("edge-2", labels={"role": "edge"}, daemon=edge_2)
+        await manager.register("core-1", labels={"role": "core"}, daemon=core_1)
+        yield {"edge-1": edge_1, "edge-2": edge_2, "core-1": core_1}
+
+
+@pytest.fixture
+def shippers(tmp_path: Path) -> Path:
+    path = tmp_path / "shippers.yaml"
+    path.write_text(SHIPPERS)
+    return path
+
+
+async def reconciler(manager: Manager | str, *args: str) -> Result:
+    """Run ``reconciler ARGS --manager ADDR`` in a thread."""
+    address = manager if isinstance(manager, str) else manager.address
+    runner = CliRunner()
+    argv = [*args, "--manager", address]
+    return await asyncio.to_thread(runner.invoke, cli, argv, catch_exceptions=False)
+
+
+async def report_running(manager: Manager, daemon: FakeDaemon) -> None:
+    """Report what a fake daemon holds as observed: every wanted agent Running."""
+    agents = [
+        agent_pb2.AgentInfo(agent_id=agent_id, phase=agent_pb2.AGENT_PHASE_RUNNING, pid=100)
+        for agent_id in daemon.seen.agents
+    ]
+    await manager.nodes.SyncAgentStates(
+        manager_pb2.SyncAgentStatesRequest(
+            node_id=daemon.seen.node_id,
+            observed_generation=daemon.seen.generation,
+            current_generation=daemon.seen.generation,
+            agents=agents,
+        ),
+        timeout=5,
+    )
+
+
+# --------------------------------------------------------------------------- apply
+
+
+async def test_apply_creates_the_set_and_prints_the_changes_per_node(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    result = await reconciler(manager, "apply", "-f", str(shippers))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "agentset/shippers created (revision 1)",
+        "  edge-1  generation 0 -> 1  +ship +spare",
+        "  edge-2  generation 0 -> 1  +ship +spare",
+    ]
+    await until(lambda: fleet["edge-2"].seen.agents == ["ship", "spare"])
+    again = await reconciler(manager, "apply", "-f", str(shippers))
+    assert again.stdout == "agentset/shippers unchanged (revision 1)\n"
+
+
+async def test_apply_dry_run_shows_what_would_change_and_stores_nothing(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    result = await reconciler(manager, "apply", "-f", str(shippers), "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "agentset/shippers created (dry run) (revision 1)"
+    listed = await manager.fleet.ListAgentSets(fleet_pb2.ListAgentSetsRequest(), timeout=5)
+    assert list(listed.agent_sets) == []
+
+
+async def test_apply_output_json_is_the_api_response(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    result = await reconciler(manager, "apply", "-f", str(shippers), "-o", "json")
+    (response,) = json.loads(result.stdout)
+    assert response["changed"] is True
+    assert response["agentSet"]["spec"]["agents"][0]["restartPolicy"] == "RESTART_POLICY_ALWAYS"
+    assert [c["nodeId"] for c in response["nodeChanges"]] == ["edge-1", "edge-2"]
+
+
+async def test_apply_wait_returns_zero_once_the_nodes_report_their_agents_running(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    async def daemons_report() -> None:
+        await until(lambda: all(fleet[n].seen.generation == 1 for n in ("edge-1", "edge-2")))
+        for node_id in ("edge-1", "edge-2"):
+            await report_running(manager, fleet[node_id])
+
+    reporter = asyncio.create_task(daemons_report())
+    result = await reconciler(manager, "apply", "-f", str(shippers), "--wait", "--timeout", "20s")
+    await reporter
+    assert result.exit_code == 0, result.stderr
+    assert "agents running" in result.stderr
+
+
+async def test_apply_wait_fails_with_the_reasons_at_the_timeout(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    result = await reconciler(manager, "apply", "-f", str(shippers), "--wait", "--timeout", "1s")
+    assert result.exit_code == 1
+    assert "not converged within 1s:" in result.stderr
+    assert "agent ship on edge-1: not reported yet" in result.stderr
+    assert "agent ship on edge-2: not reported yet" in result.stderr
+    assert "spare" not in result.stderr  # desired stopped: not waited for
+
+
+async def test_apply_wait_names_a_node_that_has_not_acted_on_its_generation(
+    manager: Manager, shippers: Path
+) -> None:
+    await manager.register("edge-9", labels={"role": "edge"})  # no address: never pushed
+    result = await reconciler(manager, "apply", "-f", str(shippers), "--wait", "--timeout", "1s")
+    assert result.exit_code == 1
+    assert "node edge-9: observed generation 0 < 1 (status Ready)" in result.stderr
+
+
+async def test_apply_wait_fails_at_once_when_an_agent_failed_for_good(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    async def daemon_reports_failure() -> None:
+        await until(lambda: all(fleet[n].seen.generation == 1 for n in ("edge-1", "edge-2")))
+        await report_running(manager, fleet["edge-1"])
+        failed = agent_pb2.AgentInfo(
+            agent_id="ship", phase=agent_pb2.AGENT_PHASE_FAILED, message="exited with code 2"
+        )
+        await manager.nodes.SyncAgentStates(
+            manager_pb2.SyncAgentStatesRequest(
+                node_id="edge-2", observed_generation=1, current_generation=1, agents=[failed]
+            ),
+            timeout=5,
+        )
+
+    reporter = asyncio.create_task(daemon_reports_failure())
+    result = await reconciler(manager, "apply", "-f", str(shippers), "--wait", "--timeout", "60s")
+    await reporter
+    assert result.exit_code == 1
+    assert "agent ship on edge-2: Failed (exited with code 2)" in result.stderr
+
+
+async def test_a_bad_file_fails_before_anything_is_sent(manager: Manager, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(SHIPPERS.replace("state: stopped", "state: paused"))
+    result = await reconciler(manager, "apply", "-f", str(path))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"{path}: spec.agents[1].state: must be one of running, stopped, got 'paused'\n"
+    )
+
+
+async def test_a_conflict_is_one_line_with_the_status_name(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path, tmp_path: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    other = tmp_path / "other.yaml"
+    other.write_text(SHIPPERS.replace("name: shippers", "name: other"))
+    result = await reconciler(manager, "apply", "-f", str(other))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("FAILED_PRECONDITION: agent 'ship' on node 'edge-1'")
+    assert len(result.stderr.splitlines()) == 1
+
+
+async def test_an_unreachable_manager_is_one_line_naming_it(shippers: Path) -> None:
+    result = await reconciler("127.0.0.1:1", "get", "nodes")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("UNAVAILABLE: cannot reach the Manager at 127.0.0.1:1")
+    assert len(result.stderr.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- get
+
+
+async def test_get_nodes_lists_nodes_filtered_by_label(
+    manager: Manager, fleet: dict[str, FakeDaemon]
+) -> None:
+    result = await reconciler(manager, "get", "nodes", "-l", "role=edge")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NODE", "STATUS", "AGENTS"]
+    assert [line.split()[0] for line in lines[1:]] == ["edge-1", "edge-2"]
+    assert all(line.split()[1] == "Ready" for line in lines[1:])
+
+
+async def test_get_nodes_json_and_yaml_are_canonical_api_json(
+    manager: Manager, fleet: dict[str, FakeDaemon]
+) -> None:
+    as_json = json.loads((await reconciler(manager, "get", "nodes", "-o", "json")).stdout)
+    as_yaml = yaml.safe_load((await reconciler(manager, "get", "nodes", "-o", "yaml")).stdout)
+    assert [n["nodeId"] for n in as_json] == ["core-1", "edge-1", "edge-2"]
+    assert as_json[0]["status"] == "NODE_STATUS_READY"
+    assert as_json[0]["observedGeneration"] == "0"
+    assert [n["nodeId"] for n in as_yaml] == ["core-1", "edge-1", "edge-2"]
+
+
+async def test_get_agents_shows_desired_and_observed(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    await until(lambda: fleet["edge-1"].seen.generation == 1)
+    await report_running(manager, fleet["edge-1"])
+    result = await reconciler(manager, "get", "agents", "--node", "edge-1")
+    assert result.exit_code == 0, result.stderr
+    rows = [line.split()[:4] for line in result.stdout.splitlines()]
+    assert rows == [
+        ["NODE", "AGENT", "PHASE", "DESIRED"],
+        ["edge-1", "ship", "Running", "Running"],
+        ["edge-1", "spare", "Running", "Stopped"],
+    ]
+    labelled = await reconciler(manager, "get", "agents", "-l", "team=obs", "-o", "json")
+    assert [(a["nodeId"], a["spec"]["id"]) for a in json.loads(labelled.stdout)] == [
+        ("edge-1", "ship"),
+        ("edge-2", "ship"),
+    ]
+
+
+async def test_get_agentsets_lists_sets_and_those_selecting_a_node(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    result = await reconciler(manager, "get", "agentsets")
+    assert result.stdout.splitlines()[1].split()[:4] == ["shippers", "1", "2", "role=edge"]
+    on_core = await reconciler(manager, "get", "agentsets", "--node", "core-1")
+    assert "shippers" not in on_core.stdout
+    on_edge = await reconciler(manager, "get", "agentsets", "--node", "edge-2", "-o", "yaml")
+    assert [s["metadata"]["name"] for s in yaml.safe_load(on_edge.stdout)] == ["shippers"]
+
+
+# -------------------------------------------------------------------------- delete
+
+
+async def test_delete_agentset_removes_its_agents_from_the_nodes(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    result = await reconciler(manager, "delete", "agentset", "shippers")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "agentset/shippers deleted",
+        "  edge-1  generation 1 -> 2  -ship -spare",
+        "  edge-2  generation 1 -> 2  -ship -spare",
+    ]
+    await until(lambda: fleet["edge-1"].seen.generation == 2 and not fleet["edge-1"].seen.agents)
+    missing = await reconciler(manager, "delete", "agentset", "shippers")
+    assert missing.exit_code == 1
+    assert missing.stderr == "NOT_FOUND: AgentSet 'shippers' not found\n"
