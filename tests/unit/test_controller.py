@@ -134,7 +134,7 @@ class Node:
     async def settle(self) -> None:
         """Let the workers run until the queue stays empty for a few loop turns."""
         quiet = 0
-        for _ in range(100_000):
+        for _ in range(20_000):
             await asyncio.sleep(0)
             quiet = quiet + 1 if self.controller.queue_depth == 0 else 0
             if quiet >= 8:
