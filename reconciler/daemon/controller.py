@@ -230,6 +230,10 @@ class Controller:
         self._unmanaged: dict[AgentId, Heartbeat] = {}
         self._beats: dict[AgentId, _Beat] = {}
         self._causes: dict[AgentId, otel_context.Context] = {}
+        # The trace context of each agent's latest ``agent.start`` span: reconcile passes
+        # while the agent is Starting (the one that sees its first healthy heartbeat
+        # included) continue that trace instead of starting their own.
+        self._start_causes: dict[AgentId, otel_context.Context] = {}
         self._pending: set[AgentId] = set()
         self._updating: set[AgentId] = set()
         self._observed_generation = Generation(0)
@@ -626,6 +630,8 @@ class Controller:
                 return
             record = AgentRecord(agent_id=agent_id)
         cause = self._causes.pop(agent_id, None)
+        if cause is None and record.phase is Phase.STARTING:
+            cause = self._start_causes.get(agent_id)
         with tracer.start_as_current_span(
             "reconcile", context=cause, attributes={"agent.id": agent_id}
         ):
@@ -694,6 +700,7 @@ class Controller:
         agent_id = spec.id
         token = self._tokens.setdefault(agent_id, secrets.token_urlsafe(24))
         with tracer.start_as_current_span("agent.start", attributes={"agent.id": agent_id}):
+            self._start_causes[agent_id] = otel_context.get_current()
             env = self._spawn_env(spec, token)
             try:
                 handle = await self._supervisor.start(spec, env=env)
@@ -779,6 +786,7 @@ class Controller:
             self._tracker.forget(agent_id)
         self._tokens.pop(agent_id, None)
         self._causes.pop(agent_id, None)
+        self._start_causes.pop(agent_id, None)
         with contextlib.suppress(FileNotFoundError):
             (self._config_dir / f"{agent_id}.json").unlink()
 
@@ -838,6 +846,7 @@ class Controller:
             heartbeat = spec.heartbeat if spec else None
             self._handles[agent_id] = handle
             self._tokens[agent_id] = saved.token
+            started = now - max(0.0, self._clock.wall() - saved.started_at_wall_s)
             if self._tracker is not None:
                 self._tracker.track(agent_id, handle.pid, start_ticks=handle.start_ticks)
             self._records[agent_id] = AgentRecord(
@@ -845,7 +854,7 @@ class Controller:
                 phase=Phase.RUNNING,
                 pid=handle.pid,
                 process_start_ticks=handle.start_ticks,
-                started_at_s=now,
+                started_at_s=started,
                 running_fingerprint=saved.fingerprint,
                 stop_grace_s=spec.stop_grace_period_s if spec else 10.0,
                 healthy_since_s=now,

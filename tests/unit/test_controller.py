@@ -633,6 +633,19 @@ def test_a_restarted_daemon_adopts_live_agents_and_starts_the_dead(tmp_path: Pat
     node_test(body, tmp_path)
 
 
+def test_an_adopted_agent_keeps_the_time_it_was_started(tmp_path: Path) -> None:
+    async def body(node: Node) -> None:
+        await node.apply(1, agent("a"))
+        started = node.controller.agent(AgentId("a")).record.started_at_s
+        await node.advance(30.0, step_s=10.0)
+        await node.saved()
+        node = await node.crash_restart()
+        assert node.supervisor.adopted != []
+        assert node.controller.agent(AgentId("a")).record.started_at_s == started
+
+    node_test(body, tmp_path)
+
+
 def test_an_adopted_agent_whose_spec_changed_while_away_is_restarted(tmp_path: Path) -> None:
     async def body(node: Node) -> None:
         await node.apply(1, agent("a"))
