@@ -86,6 +86,8 @@ class DaemonProcess:
     root: Path
     node_id: str = field(default_factory=lambda: f"node-{uuid.uuid4().hex[:8]}")
     settings: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the daemon process (e.g. ``RECONCILER_FAILPOINTS``)."""
     proc: subprocess.Popen[bytes] | None = None
     grpc_port: int = 0
     http_port: int = 0
@@ -139,6 +141,7 @@ class DaemonProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
         )
         log.close()
         wait_for(self._serving, timeout_s=timeout_s, what=f"daemon {self.node_id} to serve")
@@ -160,6 +163,11 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+    def wait_exit(self, *, timeout_s: float = 30.0) -> int:
+        """Wait for the daemon to end on its own (e.g. at a failpoint); its exit status."""
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
 
     def terminate(self) -> int:
         assert self.proc is not None
