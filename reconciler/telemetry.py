@@ -334,13 +334,15 @@ def setup_tracing(
     environ: Mapping[str, str] | None = None,
     install_global: bool = True,
     max_queue: int = 2048,
+    counters: SpanCounters | None = None,
 ) -> Tracing:
     """Build the tracer provider the settings ask for; ``Tracing.disabled()`` for none.
 
     With ``install_global`` the provider becomes OpenTelemetry's global one (so spans
     made with ``trace.get_tracer`` anywhere in the process go to it) unless another
     SDK provider was installed first; a second app in the same process (dev mode)
-    should share the first handle instead of calling this again.
+    should share the first handle instead of calling this again. ``counters`` lets
+    a metrics collector made before tracing is set up read the span counts.
     """
     plan = plan_export(settings, os.environ if environ is None else environ)
     if plan.exporter is TelemetryExporter.NONE:
@@ -349,7 +351,7 @@ def setup_tracing(
     if node_id:
         attributes["reconciler.node.id"] = node_id
     provider = TracerProvider(resource=Resource.create(attributes))
-    counters = SpanCounters()
+    counters = counters if counters is not None else SpanCounters()
     processor = BoundedBatchSpanProcessor(_exporter(plan), max_queue=max_queue, counters=counters)
     provider.add_span_processor(processor)
     owns_global = install_global and _install_global(provider)
@@ -382,11 +384,11 @@ def _install_global(provider: TracerProvider) -> bool:
 class TracingCollector(Collector):
     """``reconciler_trace_spans_*_total``: exported, dropped (queue full), failed export."""
 
-    def __init__(self, tracing: Tracing) -> None:
-        self._tracing = tracing
+    def __init__(self, counters: SpanCounters) -> None:
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
-        counters = self._tracing.counters
+        counters = self._counters
         exported = CounterMetricFamily(
             "reconciler_trace_spans_exported", "Spans the exporter accepted."
         )

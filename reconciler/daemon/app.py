@@ -4,6 +4,9 @@
 loop: the state directory, the supervisor, the controller, the resource monitor, the
 heartbeat receivers, the DaemonService gRPC server (TCP and, optionally, a Unix
 socket), the metrics endpoint and, when a Manager is configured, the link to it.
+Telemetry (``reconciler.telemetry``) is set up here: tracing per ``telemetry``
+settings, the tracing and RPC-metrics interceptors on the server and the Manager
+channel, and ``/metrics`` on ``metrics.listen`` (``reconciler.daemon.metrics``).
 ``start`` returns once everything listens; ``stop`` takes them down in reverse order
 and, by default, leaves the agents running so a restarted daemon adopts them.
 
@@ -26,13 +29,20 @@ from typing import Any
 
 import grpc
 
-from reconciler import rpc, tls
+from reconciler import __version__, rpc, telemetry, tls
 from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
-from reconciler.config import DaemonSettings, TlsMode, settings_to_dict
+from reconciler.config import (
+    ConfigError,
+    DaemonSettings,
+    TlsMode,
+    TlsSettings,
+    is_loopback_host,
+    parse_host_port,
+    settings_to_dict,
+)
 from reconciler.daemon.clock import Clock, SystemClock
 from reconciler.daemon.commands import CommandPolicy
 from reconciler.daemon.controller import Controller
-from reconciler.daemon.events import EventLog
 from reconciler.daemon.heartbeat import (
     HeartbeatStats,
     HttpHeartbeatReceiver,
@@ -42,6 +52,7 @@ from reconciler.daemon.heartbeat import (
     parse_listen,
 )
 from reconciler.daemon.manager_link import LinkPolicy, ManagerLink
+from reconciler.daemon.metrics import CountingEventLog, DaemonCollector, daemon_registry
 from reconciler.daemon.monitor import ResourceMonitor, ResourcePoint
 from reconciler.daemon.service import DaemonService
 from reconciler.daemon.store import DesiredStateStore
@@ -64,6 +75,7 @@ class Addresses:
     grpc_unix: str
     heartbeat_socket: str
     heartbeat_http: str
+    metrics: str = ""
 
 
 def policy_from(settings: DaemonSettings) -> Policy:
@@ -87,13 +99,16 @@ class DaemonApp:
         *,
         allow_any_command: bool = False,
         clock: Clock | None = None,
+        tracing: telemetry.Tracing | None = None,
     ) -> None:
+        """``tracing``: a handle to share (dev mode runs two apps in one process);
+        without it the app sets tracing up from ``settings.telemetry`` at start."""
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.node_id = NodeId(settings.node.id or socket.gethostname())
         state_dir = Path(settings.state_dir)
         self.store = DesiredStateStore(state_dir, clock=self.clock)
-        self.events = EventLog(node_id=self.node_id, wall=self.clock.wall)
+        self.events = CountingEventLog(node_id=self.node_id, wall=self.clock.wall)
         self.commands = CommandPolicy(settings.agents.allowed_commands, allow_any=allow_any_command)
         self.supervisor = ProcessSupervisor(
             settings.agents.log_dir or state_dir / "logs",
@@ -121,6 +136,21 @@ class DaemonApp:
             config_dir=state_dir / "agent-config",
             tracker=self.monitor,
         )
+        self.tracing = tracing or telemetry.Tracing.disabled()
+        self._owns_tracing = tracing is None
+        self.rpc_server_stats = telemetry.RpcStats(telemetry.Side.SERVER)
+        self.rpc_client_stats = telemetry.RpcStats(telemetry.Side.CLIENT)
+        self.metrics_registry = daemon_registry(
+            [
+                DaemonCollector(
+                    controller=self.controller, events=self.events, heartbeats=self.heartbeat_stats
+                ),
+                self.rpc_server_stats,
+                self.rpc_client_stats,
+                telemetry.TracingCollector(self.tracing.counters),
+            ]
+        )
+        self.metrics_endpoint: telemetry.MetricsEndpoint | None = None
         self.manager_link: ManagerLink | None = None
         self.unix_receiver: UnixHeartbeatReceiver | None = None
         self.http_receiver: HttpHeartbeatReceiver | None = None
@@ -136,12 +166,14 @@ class DaemonApp:
         """Start every part; raise (after cleaning up) when one cannot start."""
         self._warn_about_settings()
         try:
+            self._start_tracing()
             await self.controller.start()
             self._closers.append(self._stop_controller)
             self._tasks.append(asyncio.create_task(self.monitor.run()))
             self._tasks.append(asyncio.create_task(self._rotate_logs()))
             await self._start_heartbeats()
             await self._start_grpc()
+            await self._start_metrics()
             self._start_manager_link()
         except BaseException:
             await self.stop()
@@ -175,9 +207,38 @@ class DaemonApp:
             grpc_unix=grpc_settings.unix_socket,
             heartbeat_socket=self.settings.heartbeat.socket_path,
             heartbeat_http=self._http_address(),
+            metrics=self.metrics_endpoint.address if self.metrics_endpoint else "",
         )
 
     # -- parts -------------------------------------------------------------------
+
+    def _start_tracing(self) -> None:
+        if not self._owns_tracing:
+            return
+        self.tracing = telemetry.setup_tracing(
+            self.settings.telemetry,
+            service_name="reconciler-daemon",
+            node_id=self.node_id,
+            version=__version__,
+            counters=self.tracing.counters,
+        )
+        self._closers.append(self._stop_tracing)
+
+    async def _stop_tracing(self) -> None:
+        await asyncio.to_thread(self.tracing.shutdown)
+
+    async def _start_metrics(self) -> None:
+        listen = self.settings.metrics.listen
+        if not listen:
+            return
+        endpoint = telemetry.MetricsEndpoint(self.metrics_registry, listen)
+        try:
+            await endpoint.start()
+        except OSError as error:
+            log.error("metrics.listen %s: %s; serving without /metrics", listen, error)
+            return
+        self.metrics_endpoint = endpoint
+        self._closers.append(endpoint.stop)
 
     async def _start_heartbeats(self) -> None:
         hb = self.settings.heartbeat
@@ -227,7 +288,11 @@ class DaemonApp:
             tls_enabled=self.settings.tls.mode is TlsMode.MTLS,
         )
         server = grpc.aio.server(
-            interceptors=[roles, rpc.ErrorInterceptor()],
+            interceptors=[
+                *telemetry.server_interceptors(self.tracing, self.rpc_server_stats),
+                roles,
+                rpc.ErrorInterceptor(),
+            ],
             options=rpc.server_options(max_message_bytes=grpc_settings.max_message_bytes),
             maximum_concurrent_rpcs=grpc_settings.max_concurrent_rpcs,
         )
@@ -256,8 +321,10 @@ class DaemonApp:
         if not link_settings.address:
             log.info("no manager.address: running standalone")
             return
-        channel = tls.secure_channel(
-            link_settings.address, self.settings.tls, options=rpc.channel_options()
+        channel = _channel(
+            link_settings.address,
+            self.settings.tls,
+            interceptors=telemetry.client_interceptors(self.tracing, self.rpc_client_stats),
         )
         self.manager_link = ManagerLink(
             channel=channel,
@@ -329,6 +396,35 @@ class DaemonApp:
                 "agents.allowed_commands is empty: no agent may run until it lists the "
                 "executables this node allows"
             )
+
+
+def _channel(
+    address: str, tls_settings: TlsSettings, *, interceptors: list[Any]
+) -> grpc.aio.Channel:
+    """``tls.secure_channel`` with interceptors: mTLS, or plaintext to loopback only."""
+    credentials = tls.channel_credentials(tls_settings)
+    if credentials is None:
+        _require_loopback(address)
+        return grpc.aio.insecure_channel(
+            address, options=rpc.channel_options(), interceptors=interceptors
+        )
+    return grpc.aio.secure_channel(
+        address, credentials, options=rpc.channel_options(), interceptors=interceptors
+    )
+
+
+def _require_loopback(address: str) -> None:
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
+    try:
+        host = parse_host_port(address)[0]
+    except ValueError as error:
+        raise ConfigError(str(error), origin="manager.address") from None
+    if not is_loopback_host(host):
+        raise ConfigError(
+            f"{host} is not a loopback address; tls.mode insecure is for loopback only",
+            origin="manager.address",
+        )
 
 
 def _join(host: str, port: int) -> str:

@@ -375,7 +375,11 @@ async def test_rpc_metrics_and_span_counters_are_valid_prometheus_text(
     for _ in range(3):
         await channel.unary_unary(f"/{_SERVICE}/Ping")(b"hi")
     registry = CollectorRegistry(auto_describe=False)
-    for collector in (parts.server_stats, parts.client_stats, TracingCollector(parts.tracing)):
+    for collector in (
+        parts.server_stats,
+        parts.client_stats,
+        TracingCollector(parts.tracing.counters),
+    ):
         registry.register(collector)
     endpoint = MetricsEndpoint(registry, "127.0.0.1:0")
     await endpoint.start()
