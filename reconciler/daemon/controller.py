@@ -517,6 +517,11 @@ class Controller:
             return UpdateResult(UpdateOutcome.FAILED, old, new, message)
         if self._patches.get(agent_id) is target:
             del self._patches[agent_id]
+        record = self._records.get(agent_id)
+        if record is not None:
+            # The crashes and starts were the new version's: the previous one starts
+            # at once, not after the backoff or burst guard they earned.
+            self._records[agent_id] = on_restart_requested(record)
         self._queue.add(agent_id)
         reason = f"{new} not healthy within {deadline_s:g}s; rolled back to {old}"
         self.events.emit(EventType.UPDATE_ROLLED_BACK, agent_id=agent_id, message=reason)

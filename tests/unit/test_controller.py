@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from reconciler.daemon.clock import FakeClock
-from reconciler.daemon.controller import Controller, NodeProcess
+from reconciler.daemon.controller import Controller, NodeProcess, UpdateOutcome
 from reconciler.daemon.events import EventLog
 from reconciler.daemon.store import MemoryStore, ProcessEntry
 from reconciler.daemon.supervisor import FakeSupervisor, ProcessHandle
@@ -517,6 +517,36 @@ def test_a_backoff_ends_on_its_own_timer(tmp_path: Path) -> None:
         assert node.phase("a") is Phase.RUNNING
 
     node_test(body, tmp_path)
+
+
+# -- rolling updates ------------------------------------------------------------------
+
+
+def test_a_rolled_back_agent_starts_at_once_without_the_backoff_its_update_earned(
+    tmp_path: Path,
+) -> None:
+    async def body(node: Node) -> None:
+        await node.apply(1, agent("a"))
+        update = asyncio.ensure_future(
+            node.controller.push_update(
+                AgentId("a"), version="2", command=("/bin/false",), deadline_s=5.0
+            )
+        )
+        while not update.done():  # the new version exits at once, every time
+            for start in node.supervisor.starts:
+                if start.spec.version == "2" and start.handle.pid in node.supervisor.running:
+                    node.supervisor.exit(start.handle, code=1)
+            await node.advance(0.25)
+        result = update.result()
+        assert result.outcome is UpdateOutcome.ROLLED_BACK, result.message
+        assert result.current_version == "1"
+        record = node.controller.agent(AgentId("a")).record
+        assert record.phase is Phase.RUNNING
+        assert record.backoff is None
+        assert node.supervisor.starts[-1].spec.version == "1"
+        assert node.events.counts.get(EventType.UPDATE_ROLLED_BACK) == 1
+
+    node_test(body, tmp_path, policy=Policy(backoff_initial_s=30.0, backoff_max_s=60.0))
 
 
 # -- heartbeats -----------------------------------------------------------------------
