@@ -52,6 +52,8 @@ check-gen: $(STAMP) ## Fail when the committed generated code is stale
 	tools/gen-proto $(BIN)/python --check
 
 bench: $(STAMP) ## Run the benchmarks and rewrite docs/benchmarks.md
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench
 
 robustness: $(STAMP) ## Run the long robustness profile
