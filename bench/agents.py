@@ -1,0 +1,236 @@
+"""The node daemon against supervisord: bring-up, restart latency, idle cost.
+
+What: for each scale (100 and 1,000 agents; 10 with ``--quick``), the same three
+measurements on a ``reconciler daemon`` and on a supervisord with one program per
+agent, one after the other in this run, every agent ``/bin/sleep 3600``:
+
+- bring-up: from the start request (the daemon's SyncAgentStates call; supervisord's
+  ``startAllProcesses(wait=False)`` XML-RPC call, its fastest way) until every agent
+  process exists and has exec'd, seen by scanning /proc in this process;
+- restart latency: SIGKILL an agent until its new process exists (same scan), one
+  kill at a time after a short random pause, so no restart overlaps another (an
+  overlapping kill's pipe event would wake supervisord's loop early and flatter it);
+  each agent is killed once (a second kill would meet the daemon's crash-loop
+  backoff, on purpose);
+- idle cost: the server's CPU (utime + stime from /proc/<pid>/stat over a window) and
+  RSS with every agent running, after a short settle.
+
+What not: no heartbeats (``bench.heartbeats``); the daemon runs with default settings
+(resource monitor every 5 s included).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.daemon_run import MARKER as DAEMON_MARKER
+from bench.daemon_run import Daemon, sleep_spec
+from bench.procs import ChildWatcher, CpuWindow, rss_bytes
+from bench.report import Figure, Section, at_most_plus, at_most_ratio, below
+from bench.supervisord import MARKER as SUPERVISOR_MARKER
+from bench.supervisord import Supervisord, supervisord_version
+
+__all__ = ["Measured", "Scale", "run"]
+
+POLL_S = 0.0005
+"""Pause between /proc scans while waiting for processes (a scan itself costs ~0.1-0.5 ms)."""
+SETTLE_S = 3.0
+PAUSE_S = (0.02, 0.07)
+"""A random pause before each kill, after the previous agent is back."""
+COMMAND = ("/bin/sleep", "3600")
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    agents: int
+    kills: int
+    idle_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    up_s: float
+    api_ready_s: float
+    restarts_s: Sequence[float]
+    idle_cpu_percent: float
+    idle_rss_bytes: int
+
+    @property
+    def restart_median_s(self) -> float:
+        return statistics.median(self.restarts_s)
+
+    @property
+    def restart_p99_s(self) -> float:
+        ordered = sorted(self.restarts_s)
+        return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def _names(count: int) -> list[str]:
+    return [f"agent-{i:04d}" for i in range(count)]
+
+
+def _wait_for_children(watcher: ChildWatcher, count: int, *, timeout_s: float) -> float:
+    deadline = time.perf_counter() + timeout_s
+    while len(watcher.children) < count:
+        watcher.scan()
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"only {len(watcher.children)} of {count} agents after {timeout_s}s")
+        time.sleep(POLL_S)
+    return time.perf_counter()
+
+
+def _wait_until(condition: Callable[[], bool], *, timeout_s: float, interval_s: float) -> float:
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"condition not met within {timeout_s}s")
+        time.sleep(interval_s)
+    return time.perf_counter()
+
+
+def _restarts(watcher: ChildWatcher, scale: Scale) -> list[float]:
+    """SIGKILL ``scale.kills`` distinct agents one at a time; seconds until each is back."""
+    rng = random.Random(scale.agents)
+    latencies: list[float] = []
+    for name, pid in sorted(watcher.by_value().items())[: scale.kills]:
+        time.sleep(rng.uniform(*PAUSE_S))
+        killed_at = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        watcher.forget(pid)
+        while True:
+            found = watcher.scan()
+            now = time.perf_counter()
+            if any(value == name for _pid, value in found):
+                latencies.append(now - killed_at)
+                break
+            if now - killed_at > 60:
+                raise RuntimeError(f"{name} not restarted within 60 s")
+            time.sleep(POLL_S)
+    return latencies
+
+
+def _idle(pid: int, idle_s: float) -> tuple[float, int]:
+    time.sleep(SETTLE_S)
+    window = CpuWindow.start(pid)
+    time.sleep(idle_s)
+    return window.percent_of_core(), rss_bytes(pid)
+
+
+def _measure_daemon(root: Path, scale: Scale) -> Measured:
+    daemon = Daemon(root)
+    try:
+        daemon.start()
+        watcher = ChildWatcher(daemon.pid, DAEMON_MARKER)
+        specs = [sleep_spec(name, COMMAND) for name in _names(scale.agents)]
+        requested = time.perf_counter()
+        daemon.sync(specs)
+        up = _wait_for_children(watcher, scale.agents, timeout_s=300)
+        ready = _wait_until(daemon.all_running, timeout_s=120, interval_s=0.05)
+        restarts = _restarts(watcher, scale)
+        _wait_until(daemon.all_running, timeout_s=120, interval_s=0.2)
+        cpu, rss = _idle(daemon.pid, scale.idle_s)
+        return Measured(up - requested, ready - requested, restarts, cpu, rss)
+    finally:
+        daemon.close()
+
+
+def _measure_supervisord(root: Path, scale: Scale) -> Measured:
+    supervisord = Supervisord(root, [(name, COMMAND) for name in _names(scale.agents)])
+    try:
+        supervisord.start()
+        watcher = ChildWatcher(supervisord.pid, SUPERVISOR_MARKER)
+        requested = time.perf_counter()
+        supervisord.start_all()
+        up = _wait_for_children(watcher, scale.agents, timeout_s=300)
+
+        def all_running() -> bool:
+            return all(state == "RUNNING" for state in supervisord.states().values())
+
+        ready = _wait_until(all_running, timeout_s=120, interval_s=0.05)
+        restarts = _restarts(watcher, scale)
+        _wait_until(all_running, timeout_s=120, interval_s=0.2)
+        cpu, rss = _idle(supervisord.pid, scale.idle_s)
+        return Measured(up - requested, ready - requested, restarts, cpu, rss)
+    finally:
+        supervisord.close()
+
+
+def _figures(scale: Scale, ours: Measured, theirs: Measured) -> list[Figure]:
+    n = scale.agents
+    quarter = at_most_ratio(0.25, "≤ 1/4 of supervisord")
+    twentieth = at_most_ratio(0.05, "≤ 1/20 of supervisord")
+    idle_cpu = at_most_plus(0.5, "≤ supervisord + 0.5 points")
+    ms = 1000.0
+    return [
+        Figure(f"{n} agents: start → all processes exist", "s", ours.up_s, theirs.up_s, quarter),
+        Figure(f"{n} agents: start → API shows all running", "s",
+               ours.api_ready_s, theirs.api_ready_s),
+        Figure(f"{n} agents: restart after SIGKILL, median", "ms",
+               ms * ours.restart_median_s, ms * theirs.restart_median_s, twentieth),
+        Figure(f"{n} agents: restart after SIGKILL, p99", "ms",
+               ms * ours.restart_p99_s, ms * theirs.restart_p99_s, twentieth),
+        Figure(f"{n} agents: idle CPU", "% of a core",
+               ours.idle_cpu_percent, theirs.idle_cpu_percent, idle_cpu),
+        Figure(f"{n} agents: idle RSS", "MiB",
+               ours.idle_rss_bytes / _MIB, theirs.idle_rss_bytes / _MIB, below(80, "< 80 MiB")),
+    ]  # fmt: skip
+
+
+def scales(quick: bool) -> list[Scale]:
+    if quick:
+        return [Scale(agents=10, kills=10, idle_s=1.0)]
+    return [
+        Scale(agents=100, kills=100, idle_s=15.0),
+        Scale(agents=1000, kills=100, idle_s=15.0),
+    ]
+
+
+def run(*, quick: bool = False) -> Section:
+    """Measure every scale, the daemon then supervisord at each."""
+    figures: list[Figure] = []
+    details: dict[str, str] = {}
+    for scale in scales(quick):
+        with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
+            ours = _measure_daemon(Path(tmp) / "daemon", scale)
+            theirs = _measure_supervisord(Path(tmp) / "supervisord", scale)
+        figures += _figures(scale, ours, theirs)
+        details[f"{scale.agents} agents, kills"] = (
+            f"{len(ours.restarts_s)} (daemon) / {len(theirs.restarts_s)} (supervisord), "
+            f"one at a time, each agent once; idle window {scale.idle_s:.0f} s "
+            f"after {SETTLE_S:.0f} s settle"
+        )
+    return Section(
+        key="agents",
+        title="Node daemon vs supervisord",
+        issue="issue 3 (node daemon)",
+        comparison=f"supervisord {supervisord_version()}",
+        method=(
+            "Every agent is `/bin/sleep 3600`. The daemon runs with its default settings "
+            "(state directory, per-agent log files, resource monitor every 5 s); supervisord "
+            "runs with one `[program]` per agent (`startsecs=0`, `autorestart=true`, output "
+            "to log files, each program in its own process group) on its own Unix socket. "
+            "*Start*: from the start request (the daemon: SyncAgentStates of all agents; "
+            "supervisord: `startAllProcesses(wait=False)` over XML-RPC) until every agent "
+            "process exists and has exec'd, found by scanning /proc every 0.5 ms from the "
+            "benchmark process; *API shows all running*: the same start until ListAgents "
+            "(resp. `getAllProcessInfo`) first shows every agent running, polled every "
+            "50 ms. *Restart*: SIGKILL of an agent until its new process has exec'd (same "
+            "scan, so about 1 ms resolution), one distinct agent at a time, the next 20-70 ms "
+            "after the previous one is back, so restarts never overlap (supervisord spawns "
+            "on the loop pass after the one that reaps, and another process's event would "
+            "start that pass early). *Idle*: CPU from "
+            "utime+stime of the server process over the window, and its VmRSS."
+        ),
+        figures=figures,
+        details=details,
+    )
