@@ -98,11 +98,14 @@ class DaemonApp:
         settings: DaemonSettings,
         *,
         allow_any_command: bool = False,
+        default_working_dir: str = "/",
         clock: Clock | None = None,
         tracing: telemetry.Tracing | None = None,
     ) -> None:
         """``tracing``: a handle to share (dev mode runs two apps in one process);
-        without it the app sets tracing up from ``settings.telemetry`` at start."""
+        without it the app sets tracing up from ``settings.telemetry`` at start.
+        ``default_working_dir`` serves specs without ``workingDir`` (dev mode: the
+        directory it runs in, so example paths work)."""
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.node_id = NodeId(settings.node.id or socket.gethostname())
@@ -116,6 +119,7 @@ class DaemonApp:
             log_backups=settings.agents.log_backups,
             allow_root=settings.agents.allow_root,
             clock=self.clock,
+            default_working_dir=default_working_dir,
         )
         self.monitor = ResourceMonitor(
             clock=self.clock,

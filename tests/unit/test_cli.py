@@ -90,7 +90,6 @@ def test_the_agent_group_has_start_stop_and_restart() -> None:
 @pytest.mark.parametrize(
     ("args", "name"),
     [
-        pytest.param(["dev"], "dev", id="dev"),
         pytest.param(["manager", "--config", "m.yaml"], "manager", id="manager"),
         pytest.param(
             ["apply", "-f", "{file}", "--dry-run", "--wait", "--timeout", "90s"],
