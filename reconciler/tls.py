@@ -324,11 +324,16 @@ def add_listen_port(server: grpc.aio.Server, address: str, tls: TlsSettings) -> 
 
 
 def insecure_loopback_channel(
-    address: str, *, options: Sequence[tuple[str, Any]] | None = None
+    address: str,
+    *,
+    options: Sequence[tuple[str, Any]] | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A plaintext channel to a loopback or ``unix:`` address; ConfigError otherwise."""
     _require_loopback(address, what="insecure channel")
-    return grpc.aio.insecure_channel(address, options=_options(options))
+    return grpc.aio.insecure_channel(
+        address, options=_options(options), interceptors=list(interceptors)
+    )
 
 
 def secure_channel(
@@ -337,20 +342,24 @@ def secure_channel(
     *,
     server_name: str | None = None,
     options: Sequence[tuple[str, Any]] | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A channel to ``address`` as ``tls`` says: mTLS, or insecure to loopback only.
 
     ``server_name`` checks the server's certificate for that name instead of the
     host in ``address`` (the Manager dials a node by its id: node certificates carry
-    the node id as a DNS name). ``options`` default to ``rpc.channel_options()``.
+    the node id as a DNS name). ``options`` default to ``rpc.channel_options()``;
+    ``interceptors`` (tracing, metrics) wrap every call on the channel.
     """
     credentials = channel_credentials(tls)
     if credentials is None:
-        return insecure_loopback_channel(address, options=options)
+        return insecure_loopback_channel(address, options=options, interceptors=interceptors)
     merged = _options(options)
     if server_name:
         merged.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.aio.secure_channel(address, credentials, options=merged)
+    return grpc.aio.secure_channel(
+        address, credentials, options=merged, interceptors=list(interceptors)
+    )
 
 
 def _options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:

@@ -32,12 +32,8 @@ import grpc
 from reconciler import __version__, rpc, telemetry, tls
 from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 from reconciler.config import (
-    ConfigError,
     DaemonSettings,
     TlsMode,
-    TlsSettings,
-    is_loopback_host,
-    parse_host_port,
     settings_to_dict,
 )
 from reconciler.daemon.clock import Clock, SystemClock
@@ -325,7 +321,7 @@ class DaemonApp:
         if not link_settings.address:
             log.info("no manager.address: running standalone")
             return
-        channel = _channel(
+        channel = tls.secure_channel(
             link_settings.address,
             self.settings.tls,
             interceptors=telemetry.client_interceptors(self.tracing, self.rpc_client_stats),
@@ -400,35 +396,6 @@ class DaemonApp:
                 "agents.allowed_commands is empty: no agent may run until it lists the "
                 "executables this node allows"
             )
-
-
-def _channel(
-    address: str, tls_settings: TlsSettings, *, interceptors: list[Any]
-) -> grpc.aio.Channel:
-    """``tls.secure_channel`` with interceptors: mTLS, or plaintext to loopback only."""
-    credentials = tls.channel_credentials(tls_settings)
-    if credentials is None:
-        _require_loopback(address)
-        return grpc.aio.insecure_channel(
-            address, options=rpc.channel_options(), interceptors=interceptors
-        )
-    return grpc.aio.secure_channel(
-        address, credentials, options=rpc.channel_options(), interceptors=interceptors
-    )
-
-
-def _require_loopback(address: str) -> None:
-    if address.startswith(("unix:", "unix-abstract:")):
-        return
-    try:
-        host = parse_host_port(address)[0]
-    except ValueError as error:
-        raise ConfigError(str(error), origin="manager.address") from None
-    if not is_loopback_host(host):
-        raise ConfigError(
-            f"{host} is not a loopback address; tls.mode insecure is for loopback only",
-            origin="manager.address",
-        )
 
 
 def _join(host: str, port: int) -> str:

@@ -124,6 +124,7 @@ class DaemonProcess:
             },
             "agents": {"allowed_commands": ALLOWED},
             "monitor": {"interval_s": 1.0},
+            "metrics": {"listen": "127.0.0.1:0"},
             "logging": {"level": "info"},
         }
         for section, values in self.settings.items():
