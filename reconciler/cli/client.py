@@ -9,8 +9,7 @@ follow events run until the command stops them.
 ``run`` runs a command's coroutine and turns a failed RPC into one clean line naming
 the gRPC status, e.g. ``UNAVAILABLE: cannot reach the Manager at 127.0.0.1:7060 ...``.
 ``recent_events`` reads the stored events
-that match a filter (WatchEvents replays them first; the replay is over when the
-stream goes quiet).
+that match a filter (WatchEvents replays them first and says how many).
 
 What it does not do: print (``output.py`` and the commands do), or talk to daemons
 directly (the ``--daemon`` paths).
@@ -32,6 +31,7 @@ from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.cli.connection import ManagerConnection, resolve_manager_address
 from reconciler.cli.options import CliError
 from reconciler.convert import timestamp
+from reconciler.manager.fleet import REPLAY_COUNT_KEY
 from reconciler.rpc import channel_options
 
 __all__ = ["DEFAULT_TIMEOUT_S", "FleetClient", "recent_events", "rpc_error_line", "run"]
@@ -111,21 +111,44 @@ async def recent_events(
     limit: int = 0,
 ) -> list[event_pb2.Event]:
     """The stored events matching the filter, oldest first (the last ``limit`` only,
-    when it is set)."""
+    when it is set). WatchEvents replays them first and says how many in its initial
+    metadata; without that header the replay counts as over when the stream goes
+    quiet."""
     request = fleet_pb2.WatchEventsRequest(node_id=node_id, agent_id=agent_id, since=timestamp(0))
-    call = client.fleet.WatchEvents(request)
-    events: list[event_pb2.Event] = []
-    wait_s = client.timeout_s
+    call = client.fleet.WatchEvents(request, timeout=client.timeout_s)
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(call.read(), wait_s)
-            except TimeoutError:
-                break
-            if not isinstance(event, event_pb2.Event):
-                break  # the end of the stream
-            events.append(event)
-            wait_s = _REPLAY_IDLE_S
+        metadata = await call.initial_metadata()
+        count = _replay_count(metadata)
+        events = await (_read(call, count) if count is not None else _read_until_quiet(call))
     finally:
         call.cancel()
     return events[-limit:] if limit else events
+
+
+def _replay_count(metadata: Any) -> int | None:
+    for key, value in metadata or ():
+        if key == REPLAY_COUNT_KEY:
+            return int(value)
+    return None
+
+
+async def _read(call: Any, count: int) -> list[event_pb2.Event]:
+    events: list[event_pb2.Event] = []
+    while len(events) < count:
+        event = await call.read()
+        if not isinstance(event, event_pb2.Event):
+            break  # the end of the stream
+        events.append(event)
+    return events
+
+
+async def _read_until_quiet(call: Any) -> list[event_pb2.Event]:
+    events: list[event_pb2.Event] = []
+    while True:
+        try:
+            event = await asyncio.wait_for(call.read(), _REPLAY_IDLE_S)
+        except TimeoutError:
+            return events
+        if not isinstance(event, event_pb2.Event):
+            return events
+        events.append(event)

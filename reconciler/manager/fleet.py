@@ -13,7 +13,9 @@ again from fresh data, a few times). Applying what is already stored writes noth
 daemon's error status is relayed (``rpc.ErrorInterceptor``). When a node cannot be
 called (no address, or unreachable) ``GetAgentMetrics`` answers from the samples the
 node reported. ``WatchEvents`` replays stored events, then follows new ones: woken at
-once by events this process stores, and polling for those other replicas store.
+once by events this process stores, and polling for those other replicas store. Its
+initial metadata ``reconciler-replay-count`` says how many events the replay holds,
+so a client that only lists events knows when it has them all.
 
 With TLS on, only operator certificates may call FleetService.
 
@@ -78,6 +80,7 @@ from reconciler.model.spec import AgentSpec
 from reconciler.tls import PeerRole, require_role
 
 __all__ = [
+    "REPLAY_COUNT_KEY",
     "ApplyOutcome",
     "DeleteOutcome",
     "FleetChanges",
@@ -93,6 +96,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 #: Events read from the store per query while streaming.
 _EVENT_PAGE: Final = 500
+#: Initial metadata of a WatchEvents stream: how many stored events it replays before
+#: the new ones, so a client listing events knows when the listing is complete.
+REPLAY_COUNT_KEY: Final = "reconciler-replay-count"
 _OPERATORS: Final = frozenset({PeerRole.OPERATOR, PeerRole.MANAGER})
 
 
@@ -606,19 +612,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             raise InvalidArgument("after_sequence", "give since or after_sequence, not both")
         if request.after_sequence:
             await self._check_retained(request.after_sequence, context)
-            cursor, since, replay_end = request.after_sequence, 0.0, 0
+            start, since = request.after_sequence, 0.0
         else:
-            replay_end = await self._last_sequence()
-            since = wall_seconds(request.since) if request.HasField("since") else 0.0
-            cursor = 0 if request.HasField("since") else replay_end
+            start = 0
+            since = wall_seconds(request.since) if request.HasField("since") else math.inf
+        wanted = _EventFilter(node_id, agent_id, types)
+        replay, cursor = await self._replay(start, since=since, wanted=wanted)
+        await context.send_initial_metadata(((REPLAY_COUNT_KEY, str(len(replay))),))
+        for record in replay:
+            yield event_record_to_proto(record)
         while True:
-            batch = await self._store.list_events(
-                after_sequence=cursor, node_id=node_id, agent_id=agent_id, limit=_EVENT_PAGE
-            )
+            batch = await wanted.page(self._store, after_sequence=cursor)
             for record in batch:
                 cursor = record.sequence
-                replayed_too_old = record.sequence <= replay_end and record.time < since
-                if not replayed_too_old and (not types or record.type in types):
+                if wanted.type_matches(record):
                     yield event_record_to_proto(record)
             if len(batch) == _EVENT_PAGE:
                 continue
@@ -626,13 +633,21 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the Manager is stopping")
             await self._events.wait(self._poll_interval_s)
 
-    async def _last_sequence(self) -> int:
-        cursor = 0
+    async def _replay(
+        self, start: int, *, since: float, wanted: _EventFilter
+    ) -> tuple[list[EventRecord], int]:
+        """The stored events after ``start`` at or after ``since`` that match, and the
+        sequence to follow from."""
+        replay: list[EventRecord] = []
+        cursor = start
         while True:
-            batch = await self._store.list_events(after_sequence=cursor, limit=1000)
-            if not batch:
-                return cursor
-            cursor = batch[-1].sequence
+            batch = await wanted.page(self._store, after_sequence=cursor)
+            for record in batch:
+                cursor = record.sequence
+                if record.time >= since and wanted.type_matches(record):
+                    replay.append(record)
+            if len(batch) < _EVENT_PAGE:
+                return replay, cursor
 
     async def _check_retained(self, after_sequence: int, context: Context) -> None:
         oldest = await self._store.list_events(after_sequence=0, limit=1)
@@ -642,6 +657,26 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 f"events after {after_sequence} are no longer retained (oldest is "
                 f"{oldest[0].sequence}); list again and resume from there",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _EventFilter:
+    """Which events a WatchEvents stream sends."""
+
+    node_id: str | None
+    agent_id: str | None
+    types: frozenset[str]
+
+    async def page(self, store: ManagerStore, *, after_sequence: int) -> list[EventRecord]:
+        return await store.list_events(
+            after_sequence=after_sequence,
+            node_id=self.node_id,
+            agent_id=self.agent_id,
+            limit=_EVENT_PAGE,
+        )
+
+    def type_matches(self, record: EventRecord) -> bool:
+        return not self.types or record.type in self.types
 
 
 def _agents_json(desired: Mapping[str, DesiredRecord], node: NodeRecord) -> str:

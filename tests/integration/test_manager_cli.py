@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -107,6 +108,12 @@ async def report_running(manager: Manager, daemon: FakeDaemon) -> None:
         ),
         timeout=5,
     )
+
+
+def fields(text: str) -> dict[str, str]:
+    """The ``Key:  value`` lines at the top of ``describe`` output."""
+    head = text.split("\n\n")[0]
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in head.splitlines())}
 
 
 # --------------------------------------------------------------------------- apply
@@ -310,3 +317,146 @@ async def test_delete_agentset_removes_its_agents_from_the_nodes(
     missing = await reconciler(manager, "delete", "agentset", "shippers")
     assert missing.exit_code == 1
     assert missing.stderr == "NOT_FOUND: AgentSet 'shippers' not found\n"
+
+
+# ------------------------------------------------- events, agent, metrics, describe
+
+
+async def test_events_lists_the_stored_events_and_filters_by_node(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    result = await reconciler(manager, "events")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split()[:5] == ["TIME", "TYPE", "NODE", "AGENT", "MESSAGE"]
+    assert "AgentSetApplied" in result.stdout
+    as_json = json.loads((await reconciler(manager, "events", "-o", "json")).stdout)
+    assert [e["type"] for e in as_json] == ["EVENT_TYPE_NODE_REGISTERED"] * 3 + [
+        "EVENT_TYPE_AGENT_SET_APPLIED"
+    ]
+    assert [e["sequence"] for e in as_json] == ["1", "2", "3", "4"]
+    on_core = await reconciler(manager, "events", "--node", "core-1", "-o", "json")
+    assert [(e["nodeId"], e["type"]) for e in json.loads(on_core.stdout)] == [
+        ("core-1", "EVENT_TYPE_NODE_REGISTERED")
+    ]
+
+
+async def test_events_follow_prints_new_events_as_they_come(manager: Manager) -> None:
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reconciler",
+        "events",
+        "--follow",
+        "-o",
+        "json",
+        "--node",
+        "late",
+        "--manager",
+        manager.address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert follower.stdout is not None
+    try:
+        line = asyncio.create_task(follower.stdout.readline())
+
+        async def registered_and_printed() -> bool:
+            await manager.register("late")  # again until the follower, once started, sees one
+            return line.done()
+
+        await until(registered_and_printed, what="a followed event")
+        event = json.loads(line.result())
+        assert (event["nodeId"], event["type"]) == ("late", "EVENT_TYPE_NODE_REGISTERED")
+        assert follower.returncode is None
+    finally:
+        follower.terminate()
+        await follower.wait()
+
+
+async def test_agent_restart_is_proxied_through_the_manager(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    await until(lambda: fleet["edge-1"].seen.agents == ["ship", "spare"])
+    result = await reconciler(
+        manager, "agent", "restart", "ship", "--node", "edge-1", "--operation-id", "op-7"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "agent ship on edge-1: restart: done\n"
+    (operation,) = fleet["edge-1"].seen.operations
+    assert (operation.agent_id, operation.operation_id) == ("ship", "op-7")
+    assert operation.operation == agent_pb2.OPERATION_RESTART
+
+
+async def test_agent_without_node_is_refused_when_the_agent_is_on_several_nodes(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    result = await reconciler(manager, "agent", "stop", "ship")
+    assert result.exit_code == 1
+    assert result.stderr == "agent 'ship' is on several nodes (edge-1, edge-2): use --node\n"
+
+
+async def test_agent_on_an_unknown_agent_relays_not_found(
+    manager: Manager, fleet: dict[str, FakeDaemon]
+) -> None:
+    result = await reconciler(manager, "agent", "start", "ghost", "--node", "edge-1")
+    assert result.exit_code == 1
+    assert result.stderr == "NOT_FOUND: upstream call failed: agent 'ghost' not found\n"
+
+
+async def test_metrics_draws_a_chart_of_cpu_and_memory(
+    manager: Manager, fleet: dict[str, FakeDaemon]
+) -> None:
+    result = await reconciler(manager, "metrics", "ship", "--node", "edge-1", "--since", "10m")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("agent ship on edge-1: 5 samples from ")
+    assert "CPU %    max 40.0  avg 20.0  last 40.0" in lines
+    assert "Memory   max 4.8 MiB  last 4.8 MiB" in lines
+    cpu_top = lines[lines.index("CPU %    max 40.0  avg 20.0  last 40.0") + 1]
+    assert cpu_top.endswith("┤    █")
+    as_json = await reconciler(manager, "metrics", "ship", "--node", "edge-1", "-o", "json")
+    assert len(json.loads(as_json.stdout)["dataPoints"]) == 5
+
+
+async def test_describe_node_shows_its_registration_agents_and_events(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    await until(lambda: fleet["edge-1"].seen.generation == 1)
+    result = await reconciler(manager, "describe", "node", "edge-1")
+    assert result.exit_code == 0, result.stderr
+    shown = fields(result.stdout)
+    assert shown["Node"] == "edge-1"
+    assert shown["Status"].startswith("Ready (last heartbeat ")
+    assert shown["Labels"] == "role=edge"
+    assert shown["Generations"] == "desired 1, observed 1"
+    assert "Agents (2):" in result.stdout
+    assert "NodeRegistered" in result.stdout
+    missing = await reconciler(manager, "describe", "node", "nope")
+    assert (missing.exit_code, missing.stderr) == (1, "NOT_FOUND: node 'nope' not found\n")
+
+
+async def test_describe_agent_shows_spec_status_metrics_and_events(
+    manager: Manager, fleet: dict[str, FakeDaemon], shippers: Path
+) -> None:
+    await reconciler(manager, "apply", "-f", str(shippers))
+    await until(lambda: fleet["edge-1"].seen.generation == 1)
+    await report_running(manager, fleet["edge-1"])
+    result = await reconciler(manager, "describe", "agent", "ship", "--node", "edge-1")
+    assert result.exit_code == 0, result.stderr
+    shown = fields(result.stdout)
+    assert shown["Command"] == "/bin/sleep 600"
+    assert shown["Desired"] == "Running, restart policy Always, version 1.0"
+    assert shown["Phase"] == "Running"
+    assert shown["PID"].startswith("100 (started ")
+    assert shown["Metrics"].startswith("cpu avg 20.0% max 40.0%, memory last 4.8 MiB")
+    as_yaml = yaml.safe_load(
+        (
+            await reconciler(manager, "describe", "agent", "ship", "--node", "edge-1", "-o", "yaml")
+        ).stdout
+    )
+    assert as_yaml["agent"]["info"]["phase"] == "AGENT_PHASE_RUNNING"
+    assert len(as_yaml["metrics"]["dataPoints"]) == 5
