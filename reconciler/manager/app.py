@@ -238,8 +238,6 @@ class ManagerApp:
 
     async def start(self) -> None:
         """Migrate the store and start serving; raise (after cleaning up) on failure."""
-        if not self.tls_enabled:
-            log.warning("TLS is off (tls.mode: insecure): development only; serving loopback only")
         try:
             await self._raw_store.migrate()
             self._store_open = True

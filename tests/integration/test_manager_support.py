@@ -34,11 +34,13 @@ from reconciler.config import (
     RetentionSettings,
     StoreBackend,
     StoreSettings,
+    TlsSettings,
 )
 from reconciler.convert import timestamp
 from reconciler.manager.app import ManagerApp
 from reconciler.manager.push import RetryPolicy
 from reconciler.manager.store import ManagerStore
+from reconciler.tls import add_listen_port
 
 __all__ = [
     "FAST_RETRY",
@@ -266,12 +268,15 @@ class FakeDaemon(daemon_pb2_grpc.DaemonServiceServicer):
 
 
 @asynccontextmanager
-async def fake_daemon(node_id: str) -> AsyncIterator[FakeDaemon]:
-    """A FakeDaemon serving on 127.0.0.1:0."""
+async def fake_daemon(node_id: str, *, tls: TlsSettings | None = None) -> AsyncIterator[FakeDaemon]:
+    """A FakeDaemon serving on 127.0.0.1:0 (with mutual TLS when ``tls`` says so)."""
     daemon = FakeDaemon(node_id)
     server = grpc.aio.server()
     daemon_pb2_grpc.add_DaemonServiceServicer_to_server(daemon, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = add_listen_port(server, "127.0.0.1:0", tls)
     daemon.address = f"127.0.0.1:{port}"
     await server.start()
     try:
