@@ -40,7 +40,13 @@ from reconciler.model.errors import Conflict, InvalidArgument, NotFound, StaleGe
 from reconciler.model.events import EventType
 from reconciler.model.heartbeat import Heartbeat
 from reconciler.model.ids import AgentId, Generation, NodeId, OperationId, is_valid_agent_id
-from reconciler.model.spec import AgentSpec, DesiredState, NodeDesiredState, validate_node_state
+from reconciler.model.spec import (
+    AgentSpec,
+    DesiredState,
+    NodeDesiredState,
+    validate_node_state,
+    validate_spec,
+)
 from reconciler.model.status import AgentRecord, ExitInfo, Override, Phase
 from reconciler.reconcile import (
     Action,
@@ -480,6 +486,7 @@ class Controller:
             raise Conflict(f"another update of agent {agent_id!r} is in progress")
         new_command = self._commands.resolve(command, field="command") if command else None
         target = replace(current, version=version, command=new_command or current.command)
+        _validate_update(target)
         self._updating.add(agent_id)
         try:
             result = await self._roll(agent_id, current, target, deadline_s=deadline_s)
@@ -959,6 +966,14 @@ class Controller:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _validate_update(target: AgentSpec) -> None:
+    """Check an updated spec as a whole; errors name the request's field (``version``...)."""
+    try:
+        validate_spec(target, path="update")
+    except InvalidArgument as error:
+        raise InvalidArgument(error.field.removeprefix("update."), error.reason) from None
 
 
 def _result_to_json(result: UpdateResult) -> str:

@@ -549,6 +549,36 @@ def test_a_rolled_back_agent_starts_at_once_without_the_backoff_its_update_earne
     node_test(body, tmp_path, policy=Policy(backoff_initial_s=30.0, backoff_max_s=60.0))
 
 
+@pytest.mark.parametrize(
+    ("version", "command", "field"),
+    [
+        pytest.param("2\x00", (), "version", id="nul-in-version"),
+        pytest.param("v" * 200, (), "version", id="version-too-long"),
+        pytest.param("2", ("/bin/sleep", "1\x00"), "command[1]", id="nul-in-argument"),
+    ],
+)
+def test_an_invalid_update_is_refused_naming_the_field_and_changes_nothing(
+    tmp_path: Path, version: str, command: tuple[str, ...], field: str
+) -> None:
+    async def body(node: Node) -> None:
+        await node.apply(1, agent("a"))
+        update = asyncio.ensure_future(
+            node.controller.push_update(
+                AgentId("a"), version=version, command=command, deadline_s=5.0
+            )
+        )
+        await node.advance(12.0, step_s=1.0)  # past both deadlines, had it been taken
+        with pytest.raises(InvalidArgument) as caught:
+            update.result()
+        assert caught.value.field == field
+        assert node.starts_of("a") == 1
+        view = node.controller.agent(AgentId("a"))
+        assert view.spec is not None
+        assert view.spec.version == "1"
+
+    node_test(body, tmp_path)
+
+
 # -- heartbeats -----------------------------------------------------------------------
 
 HB = HeartbeatSpec(interval_s=2.0, timeout_s=6.0)
