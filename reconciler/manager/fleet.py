@@ -231,6 +231,19 @@ class FleetChanges:
             held_generation=node.current_generation,
         )
 
+    async def _read_state(self) -> tuple[list[NodeState], dict[str, AgentSetRecord]]:
+        """The nodes with their desired states, then the AgentSets, in that order.
+
+        The reads are not one transaction. Reading desired states first means a change
+        another replica commits in between shows up as newer AgentSets beside older
+        desired states: our plan then offers generations that are no longer new, and
+        the store refuses the write (we plan again) instead of letting us overwrite
+        that change with a plan that never saw it.
+        """
+        nodes = await self._node_states()
+        records = {record.name: record for record in await self._store.list_agent_sets()}
+        return nodes, records
+
     async def _node_states(self) -> list[NodeState]:
         desired = {d.node_id: d for d in await self._store.list_desired()}
         nodes = await self._store.list_nodes()
@@ -255,10 +268,11 @@ class FleetChanges:
         self, checked: CheckedAgentSet, dry_run: bool, expected_revision: int
     ) -> ApplyOutcome:
         name = checked.name
-        stored = await self._store.get_agent_set(name)
+        nodes, records = await self._read_state()
+        stored = records.get(name)
         _check_expected(name, stored, expected_revision)
-        others = [d.definition for d in await self.definitions() if d.name != name]
-        result = plan([*others, checked.definition], await self._node_states(), focus=name)
+        others = [self.checked(r).definition for r in records.values() if r.name != name]
+        result = plan([*others, checked.definition], nodes, focus=name)
         same = stored is not None and self.checked(stored).message == checked.message
         record = self._next_record(checked, stored, same=same)
         outcome = ApplyOutcome(self.message_of(record), result, not same or result.changed)
@@ -304,12 +318,13 @@ class FleetChanges:
         raise Unavailable(f"AgentSet {name!r} kept changing concurrently; retry")
 
     async def _delete_once(self, name: str, dry_run: bool, expected_revision: int) -> DeleteOutcome:
-        stored = await self._store.get_agent_set(name)
+        nodes, records = await self._read_state()
+        stored = records.get(name)
         if stored is None:
             raise NotFound("AgentSet", name)
         _check_expected(name, stored, expected_revision)
-        others = [d.definition for d in await self.definitions() if d.name != name]
-        result = plan(others, await self._node_states(), focus=name)
+        others = [self.checked(r).definition for r in records.values() if r.name != name]
+        result = plan(others, nodes, focus=name)
         if dry_run:
             return DeleteOutcome(result, True)
         change = ApplyChange(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +15,11 @@ import pytest
 from reconciler.api.agent.v1 import agent_pb2, event_pb2, metrics_pb2, node_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.api.manager.v1 import manager_pb2
-from reconciler.convert import timestamp
+from reconciler.convert import specs_from_json, timestamp
+from reconciler.manager.agentset import check_agent_set
+from reconciler.manager.fleet import FleetChanges
+from reconciler.manager.records import AgentSetRecord, NodeRecord
+from reconciler.manager.service import EventLog
 from reconciler.manager.store.memory import MemoryStore
 from tests.integration.test_manager_support import (
     FakeDaemon,
@@ -629,3 +633,44 @@ async def test_health_reports_serving(manager: Manager) -> None:
         health_pb2.HealthCheckRequest(service="reconciler.api.fleet.v1.FleetService"), timeout=5
     )
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ------------------------------------------------------- concurrent replicas
+
+
+class InterleavingStore(MemoryStore):
+    """A memory store that runs ``after_next_list`` right after a listing of AgentSets
+    is read and before it is returned: another replica's change landing in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_next_list: Callable[[], Awaitable[object]] | None = None
+
+    async def list_agent_sets(self) -> list[AgentSetRecord]:
+        listed = await super().list_agent_sets()
+        hook, self.after_next_list = self.after_next_list, None
+        if hook is not None:
+            await hook()
+        return listed
+
+
+class NoPush:
+    def request(self, node_ids: Iterable[str]) -> None:
+        list(node_ids)
+
+
+async def test_a_change_landing_between_two_reads_is_planned_again_not_overwritten() -> None:
+    store = InterleavingStore()
+    await store.upsert_node(NodeRecord("n1", "h", "", {}, "v", "", (), 1.0, 1.0))
+    events = EventLog(store, keep_last=100)
+    mine = FleetChanges(store, events=events, pusher=NoPush())
+    theirs = FleetChanges(store, events=events, pusher=NoPush())
+    store.after_next_list = lambda: theirs.apply(check_agent_set(agent_set("left", "l")))
+    outcome = await mine.apply(check_agent_set(agent_set("right", "r")))
+    desired = await store.get_desired("n1")
+    assert desired is not None
+    assert (desired.generation, [s.id for s in specs_from_json(desired.agents)]) == (
+        2,
+        ["l", "r"],
+    )
+    assert [(n.previous_generation, n.generation) for n in outcome.plan.nodes] == [(1, 2)]
