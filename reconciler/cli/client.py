@@ -122,6 +122,7 @@ async def recent_events(
         events = await (_read(call, count) if count is not None else _read_until_quiet(call))
     finally:
         call.cancel()
+        await call.code()  # let the cancellation finish on this event loop
     return events[-limit:] if limit else events
 
 

@@ -106,7 +106,8 @@ class _Metrics:
 
 
 class _TimedStore:
-    """The store with every call's latency observed."""
+    """The store with every call's latency observed (each method wrapped once, on
+    first use)."""
 
     def __init__(self, store: ManagerStore, metrics: _Metrics) -> None:
         self._store = store
@@ -123,6 +124,7 @@ class _TimedStore:
             finally:
                 histogram.observe(time.perf_counter() - started)
 
+        setattr(self, name, timed)
         return timed
 
 

@@ -12,15 +12,18 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from reconciler.api.agent.v1 import agent_pb2
+from reconciler.api.agent.v1 import agent_pb2, node_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.api.manager.v1 import manager_pb2
+from reconciler.cli.apply_cmd import convergence
 from reconciler.cli.main import cli
+from reconciler.cli.metrics_cmd import chart, human_bytes
 from reconciler.manager.store.memory import MemoryStore
 from tests.integration.test_manager_support import (
     FakeDaemon,
@@ -460,3 +463,116 @@ async def test_describe_agent_shows_spec_status_metrics_and_events(
     )
     assert as_yaml["agent"]["info"]["phase"] == "AGENT_PHASE_RUNNING"
     assert len(as_yaml["metrics"]["dataPoints"]) == 5
+
+
+# ------------------------------------------------------------- pure helpers
+
+
+def node_info(node_id: str, *, desired: int, observed: int) -> Any:
+    return node_pb2.NodeInfo(
+        node_id=node_id,
+        desired_generation=desired,
+        observed_generation=observed,
+        status=node_pb2.NODE_STATUS_READY,
+    )
+
+
+def agent_state(node_id: str, agent_id: str, phase: int, *, running: bool = True) -> Any:
+    state = agent_pb2.AgentState(node_id=node_id)
+    state.spec.id = agent_id
+    state.spec.state = (
+        agent_pb2.DESIRED_STATE_RUNNING if running else agent_pb2.DESIRED_STATE_STOPPED
+    )
+    state.info.agent_id = agent_id
+    state.info.phase = phase  # type: ignore[assignment]
+    return state
+
+
+RUNNING = agent_pb2.AGENT_PHASE_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("nodes", "agents", "converged", "failed"),
+    [
+        pytest.param(
+            [node_info("n1", desired=2, observed=2)],
+            [agent_state("n1", "a", RUNNING)],
+            True,
+            False,
+            id="acted-and-running",
+        ),
+        pytest.param(
+            [node_info("n1", desired=2, observed=1)],
+            [agent_state("n1", "a", RUNNING)],
+            False,
+            False,
+            id="running-but-not-acted-on-the-new-generation",
+        ),
+        pytest.param(
+            [node_info("n1", desired=3, observed=2)],
+            [agent_state("n1", "a", RUNNING)],
+            False,
+            False,
+            id="a-newer-generation-since-the-apply",
+        ),
+        pytest.param(
+            [node_info("n1", desired=2, observed=2)],
+            [agent_state("n1", "a", agent_pb2.AGENT_PHASE_BACKOFF)],
+            False,
+            False,
+            id="backing-off-is-pending",
+        ),
+        pytest.param(
+            [node_info("n1", desired=2, observed=2)],
+            [agent_state("n1", "a", agent_pb2.AGENT_PHASE_FAILED)],
+            False,
+            True,
+            id="failed-for-good",
+        ),
+        pytest.param(
+            [node_info("n1", desired=2, observed=1)],
+            [agent_state("n1", "a", agent_pb2.AGENT_PHASE_FAILED)],
+            False,
+            False,
+            id="failed-under-the-old-generation-is-still-pending",
+        ),
+        pytest.param(
+            [node_info("n1", desired=2, observed=2)],
+            [agent_state("n1", "a", agent_pb2.AGENT_PHASE_STOPPED, running=False)],
+            True,
+            False,
+            id="desired-stopped-is-not-waited-for",
+        ),
+        pytest.param([], [], False, False, id="node-gone"),
+    ],
+)
+def test_convergence_needs_the_new_generation_acted_on_and_agents_running(
+    nodes: list[Any], agents: list[Any], converged: bool, failed: bool
+) -> None:
+    state = convergence({"n1": 2}, nodes, agents)
+    assert (state.converged, bool(state.failed)) == (converged, failed)
+
+
+def test_the_chart_scales_to_the_maximum_in_eighths() -> None:
+    assert chart([0, 1, 2, 4], height=2, width=10) == ["   █", " ▄██"]
+    assert chart([], height=1) == [""]
+    assert chart([0, 0], height=1) == ["  "]
+
+
+def test_the_chart_keeps_the_peak_of_each_column_when_squeezed() -> None:
+    values = [0.0] * 100
+    values[37] = 8.0
+    (row,) = chart(values, height=1, width=10)
+    assert row == "   █      "
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        pytest.param(512, "512 B", id="bytes"),
+        pytest.param(1536, "1.5 KiB", id="kib"),
+        pytest.param(5 * 1024**3, "5.0 GiB", id="gib"),
+    ],
+)
+def test_sizes_are_shown_in_binary_units(size: int, text: str) -> None:
+    assert human_bytes(size) == text
