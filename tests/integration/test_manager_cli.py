@@ -576,3 +576,31 @@ def test_the_chart_keeps_the_peak_of_each_column_when_squeezed() -> None:
 )
 def test_sizes_are_shown_in_binary_units(size: int, text: str) -> None:
     assert human_bytes(size) == text
+
+
+async def test_get_watch_prints_again_when_the_answer_changes(manager: Manager) -> None:
+    await manager.register("first")
+    watcher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "reconciler", "get", "nodes", "--watch", "--manager", manager.address),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert watcher.stdout is not None
+    seen: list[str] = []
+
+    async def read_lines() -> None:
+        assert watcher.stdout is not None
+        while line := await watcher.stdout.readline():
+            seen.append(line.decode())
+
+    reader = asyncio.create_task(read_lines())
+    try:
+        await until(lambda: any(line.startswith("first ") for line in seen), what="a table")
+        await manager.register("second")
+        await until(lambda: any(line.startswith("second ") for line in seen), what="a reprint")
+        assert sum(line.startswith("NODE ") for line in seen) == 2
+    finally:
+        watcher.terminate()
+        await watcher.wait()
+        await reader
