@@ -60,7 +60,7 @@ class Sizes:
 def sizes(quick: bool) -> Sizes:
     if quick:
         return Sizes(50, 1.0, 2.0, "100,200", 1.0, 20, postgres=False)
-    rates = "500,1000,1500,2000,2500,3000,3500,4000,5000"
+    rates = "250,500,750,1000,1250,1500,1750,2000,2500,3000,3500,4000"
     return Sizes(5000, 10.0, 20.0, rates, 4.0, 1000, postgres=True)
 
 
@@ -170,8 +170,14 @@ def _ladder(address: str, size: Sizes, *, register: bool) -> tuple[float, list[d
     with _load(*args, *(["--register"] if register else [])) as proc:
         assert proc.stdout is not None
         steps = [json.loads(line) for line in proc.stdout]
-    good = [s["achieved"] for s in steps if not s["errors"] and s["p99_ms"] < P99_LIMIT_MS]
-    return max(good, default=0.0), steps
+    return max((s["rate"] for s in steps if _sustained(s)), default=0.0), steps
+
+
+def _sustained(step: dict[str, Any]) -> bool:
+    """No errors, p99 under the limit, and at least 95% of the offered rate achieved."""
+    if step["errors"] or step["p99_ms"] >= P99_LIMIT_MS:
+        return False
+    return bool(step["achieved"] >= 0.95 * step["rate"])
 
 
 def _bare_ladder(size: Sizes) -> tuple[float, list[dict[str, Any]]]:
@@ -229,7 +235,8 @@ def _postgres() -> Iterator[str]:
 
 
 def _describe(result: dict[str, Any]) -> str:
-    return f"{result['count']} heartbeats in the window, {result['errors']} errors"
+    codes = ", ".join(f"{code} {n}" for code, n in result["error_codes"].items())
+    return f"{result['count']} heartbeats in the window, {result['errors']} errors {codes}".strip()
 
 
 def _steps(steps: list[dict[str, Any]]) -> str:
@@ -277,7 +284,9 @@ def run(*, quick: bool = False) -> Section:
             "random phase; latencies count over the window after one warm-up interval, "
             "and the Manager's CPU (utime+stime) and RSS over the same window. Headroom: "
             "the same client sends heartbeats open-loop at rising rates (4 s per step) to "
-            "the Manager and to a bare grpc.aio server answering a constant; one Python "
+            "the Manager and to a bare grpc.aio server answering a constant; a rate counts "
+            "when it ran without errors, with p99 under 50 ms and at least 95% of the "
+            "offered rate achieved; one Python "
             "client on a 2-core machine, so the bare figure may be bounded by the client. "
             "Fan-out: nodes registered with the address of one DaemonService in the load "
             "process; from ApplyAgentSet until the last node answered SyncAgentStates."

@@ -28,6 +28,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,11 +55,12 @@ def node_id(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}"
 
 
-def _summary(latencies: Sequence[float], errors: int, **extra: Any) -> str:
+def _summary(latencies: Sequence[float], errors: Counter[str], **extra: Any) -> str:
     return json.dumps(
         {
             "count": len(latencies),
-            "errors": errors,
+            "errors": sum(errors.values()),
+            "error_codes": dict(errors),
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             **extra,
@@ -114,10 +116,9 @@ async def _fleet(args: argparse.Namespace) -> None:
     window_from = started + args.interval
     window_to = window_from + args.duration
     latencies: list[float] = []
-    errors = 0
+    errors: Counter[str] = Counter()
 
     async def node(index: int) -> None:
-        nonlocal errors
         name = node_id(args.prefix, index)
         stub = stubs.pick(index)
         beat = 0
@@ -132,8 +133,8 @@ async def _fleet(args: argparse.Namespace) -> None:
                 await stub.Heartbeat(request, timeout=TIMEOUT_S)
                 if window_from <= sent < window_to:
                     latencies.append(time.monotonic() - sent)
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
             beat += 1
             await asyncio.sleep(max(0.0, sent + args.interval - time.monotonic()))
 
@@ -142,20 +143,21 @@ async def _fleet(args: argparse.Namespace) -> None:
     await stubs.close()
 
 
-async def _step(stubs: _Stubs, args: argparse.Namespace, rate: float) -> tuple[list[float], int]:
+async def _step(
+    stubs: _Stubs, args: argparse.Namespace, rate: float
+) -> tuple[list[float], Counter[str]]:
     latencies: list[float] = []
-    errors = 0
+    errors: Counter[str] = Counter()
     tasks: set[asyncio.Task[None]] = set()
 
     async def call(index: int) -> None:
-        nonlocal errors
         sent = time.monotonic()
         request = manager_pb2.HeartbeatRequest(node_id=node_id(args.prefix, index))
         try:
             await stubs.pick(index).Heartbeat(request, timeout=TIMEOUT_S)
             latencies.append(time.monotonic() - sent)
-        except grpc.aio.AioRpcError:
-            errors += 1
+        except grpc.aio.AioRpcError as error:
+            errors[error.code().name] += 1
 
     began = time.monotonic()
     total = int(rate * args.step)
@@ -180,7 +182,7 @@ async def _ladder(args: argparse.Namespace) -> None:
         latencies, errors = await _step(stubs, args, rate)
         achieved = len(latencies) / max(time.monotonic() - began, 1e-9)
         print(_summary(latencies, errors, rate=rate, achieved=achieved), flush=True)
-        if errors or 1000 * percentile(latencies, 0.99) >= args.p99_limit_ms:
+        if sum(errors.values()) or 1000 * percentile(latencies, 0.99) >= args.p99_limit_ms:
             break
     await stubs.close()
 

@@ -39,11 +39,15 @@ DEFAULT_INTRO = """\
 These figures come from `make bench` (`python -m bench`) on the machine described
 below. Every figure stands beside its comparison measured in the same run on the same
 machine: supervisord 4 for the node daemon, a bare asyncio Protocol and a bare aiohttp
-handler for heartbeat ingestion, a bare grpc.aio server for the Manager. A ratio is
-reconciler's figure divided by the comparison's; the target column says what the
-project promises and whether this run kept the promise. Rerun `make bench` on your own
-hardware before relying on any absolute number; the ratios travel better than the
-numbers do.
+handler for heartbeat ingestion, a bare grpc.aio server for the Manager, tracing off
+for tracing on. A ratio is reconciler's figure divided by the comparison's; the target
+column says what the project promises and whether this run kept the promise. Each
+section says exactly what was measured on each side.
+
+On a 2-core machine that other work may share while the benchmark runs, the figures
+bound by CPU (bring-up times, tail latencies, request rates) move by tens of percent
+from one run to the next; restart medians and idle costs are steadier. Rerun
+`make bench` on your own hardware before relying on an absolute number.
 """
 
 
