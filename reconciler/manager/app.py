@@ -13,8 +13,10 @@ period and closes the store. ``reconciler dev`` runs one in-process this way.
 SIGINT.
 
 Metrics (kept modest): RPCs by method and code, push latency and outcomes, nodes by
-status, store call latency by operation. Each app has its own registry, so several
-Managers in one process (tests, dev mode) do not collide.
+status, store call latency by operation, plus ``reconciler.telemetry``'s RPC and span
+statistics. Each app has its own registry, so several Managers in one process (tests,
+dev mode) do not collide. Tracing (``telemetry`` settings) puts a span on every RPC
+served and every call to a daemon, carrying the trace context on to the daemon.
 
 What it does not do: decide anything; read YAML (``reconciler.config`` did).
 """
@@ -34,7 +36,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from reconciler import rpc, tls
+from reconciler import __version__, rpc, telemetry, tls
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
 from reconciler.config import ConfigError, ManagerSettings, TlsMode, parse_host_port
@@ -171,7 +173,9 @@ class ManagerApp:
     """One Manager, assembled from settings.
 
     ``store`` replaces the configured backend (tests pass a ``MemoryStore``);
-    ``retry`` replaces the push retry policy built from ``push`` settings.
+    ``retry`` replaces the push retry policy built from ``push`` settings;
+    ``tracing`` is a handle to share (dev mode runs two apps in one process): without
+    it the app sets tracing up from ``settings.telemetry`` at start.
     """
 
     def __init__(
@@ -182,9 +186,20 @@ class ManagerApp:
         retry: RetryPolicy | None = None,
         poll_interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        tracing: telemetry.Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = _Metrics()
+        self.tracing = tracing or telemetry.Tracing.disabled()
+        self._owns_tracing = tracing is None
+        self.rpc_server_stats = telemetry.RpcStats(telemetry.Side.SERVER)
+        self.rpc_client_stats = telemetry.RpcStats(telemetry.Side.CLIENT)
+        for collector in (
+            self.rpc_server_stats,
+            self.rpc_client_stats,
+            telemetry.TracingCollector(self.tracing.counters),
+        ):
+            self.metrics.registry.register(collector)
         self._raw_store = store if store is not None else open_store(settings)
         self.store = cast(ManagerStore, _TimedStore(self._raw_store, self.metrics))
         self.tls_enabled = settings.tls.mode is TlsMode.MTLS
@@ -241,6 +256,7 @@ class ManagerApp:
     async def start(self) -> None:
         """Migrate the store and start serving; raise (after cleaning up) on failure."""
         try:
+            self._start_tracing()
             await self._raw_store.migrate()
             self._store_open = True
             await self._start_grpc()
@@ -275,6 +291,8 @@ class ManagerApp:
         if self._store_open:
             await self._raw_store.close()
             self._store_open = False
+        if self._owns_tracing:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def __aenter__(self) -> ManagerApp:
         await self.start()
@@ -291,15 +309,25 @@ class ManagerApp:
 
     # -- parts -------------------------------------------------------------------
 
+    def _start_tracing(self) -> None:
+        if self._owns_tracing:
+            self.tracing = telemetry.setup_tracing(
+                self.settings.telemetry,
+                service_name="reconciler-manager",
+                version=__version__,
+                counters=self.tracing.counters,
+            )
+
     async def _start_grpc(self) -> None:
         settings = self.settings.grpc
         interceptors: list[grpc.aio.ServerInterceptor] = [
+            *telemetry.server_interceptors(self.tracing, self.rpc_server_stats),
             _RpcCounter(self.metrics.count_rpc),
             rpc.ErrorInterceptor(on_error=self._count_stream_error),
         ]
         if self.tls_enabled:
             allowed = (tls.PeerRole.NODE, tls.PeerRole.OPERATOR, tls.PeerRole.MANAGER)
-            interceptors.insert(0, tls.RoleInterceptor(allowed, tls_enabled=True))
+            interceptors.insert(-2, tls.RoleInterceptor(allowed, tls_enabled=True))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=rpc.server_options(max_message_bytes=settings.max_message_bytes),
@@ -343,6 +371,7 @@ class ManagerApp:
                 self.settings.tls,
                 server_name=node_id if self.tls_enabled else None,
                 options=options,
+                interceptors=telemetry.client_interceptors(self.tracing, self.rpc_client_stats),
             )
         except ConfigError as error:
             raise PermissionDenied(f"cannot dial node {node_id} at {address}: {error}") from None

@@ -12,8 +12,9 @@ told to fail the next calls with a status.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from reconciler import telemetry
 from reconciler.api.agent.v1 import agent_pb2, metrics_pb2
 from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
@@ -47,9 +49,11 @@ __all__ = [
     "Fake",
     "FakeDaemon",
     "Manager",
+    "Result",
     "agent_set",
     "fake_daemon",
     "manager_settings",
+    "reconciler",
     "running_manager",
     "until",
 ]
@@ -147,10 +151,13 @@ class Manager:
 
 @asynccontextmanager
 async def running_manager(
-    settings: ManagerSettings, *, store: ManagerStore | None = None
+    settings: ManagerSettings,
+    *,
+    store: ManagerStore | None = None,
+    tracing: telemetry.Tracing | None = None,
 ) -> AsyncIterator[Manager]:
     """A Manager serving on port 0, stopped afterwards."""
-    app = ManagerApp(settings, store=store, retry=FAST_RETRY, poll_interval_s=0.1)
+    app = ManagerApp(settings, store=store, retry=FAST_RETRY, poll_interval_s=0.1, tracing=tracing)
     await app.start()
     channel = grpc.aio.insecure_channel(app.addresses.grpc)
     try:
@@ -202,6 +209,7 @@ class Fake:
     accepted: list[int] = field(default_factory=list)
     failures: list[grpc.StatusCode] = field(default_factory=list)
     operations: list[agent_pb2.AgentOperationRequest] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)
 
 
 class FakeDaemon(daemon_pb2_grpc.DaemonServiceServicer):
@@ -220,6 +228,9 @@ class FakeDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     ) -> daemon_pb2.SyncAgentStatesResponse:
         seen = self.seen
         seen.calls.append(request)
+        metadata = dict(context.invocation_metadata() or ())
+        if "traceparent" in metadata:
+            seen.traceparents.append(metadata["traceparent"])
         if seen.failures:
             await context.abort(seen.failures.pop(0), "told to fail")
         if request.node_id != seen.node_id:
@@ -283,3 +294,26 @@ async def fake_daemon(node_id: str, *, tls: TlsSettings | None = None) -> AsyncI
         yield daemon
     finally:
         await server.stop(0)
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a ``reconciler`` process ended."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+async def reconciler(manager: Manager | str, *args: str, extra: Sequence[str] = ()) -> Result:
+    """Run ``reconciler ARGS --manager ADDR [EXTRA]`` as a process."""
+    address = manager if isinstance(manager, str) else manager.address
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "reconciler", *args, "--manager", address, *extra),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())

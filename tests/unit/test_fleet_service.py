@@ -11,16 +11,21 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from reconciler.api.agent.v1 import agent_pb2, event_pb2, metrics_pb2, node_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.api.manager.v1 import manager_pb2
+from reconciler.config import TelemetryExporter
 from reconciler.convert import specs_from_json, timestamp
 from reconciler.manager.agentset import check_agent_set
 from reconciler.manager.fleet import FleetChanges
 from reconciler.manager.records import AgentSetRecord, NodeRecord
 from reconciler.manager.service import EventLog
 from reconciler.manager.store.memory import MemoryStore
+from reconciler.telemetry import ExportPlan, SpanCounters, Tracing
 from tests.integration.test_manager_support import (
     FakeDaemon,
     Manager,
@@ -674,3 +679,21 @@ async def test_a_change_landing_between_two_reads_is_planned_again_not_overwritt
         ["l", "r"],
     )
     assert [(n.previous_generation, n.generation) for n in outcome.plan.nodes] == [(1, 2)]
+
+
+async def test_a_push_carries_the_trace_of_the_apply_that_caused_it(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider, plan=ExportPlan(TelemetryExporter.OTLP), counters=SpanCounters())
+    settings = manager_settings(tmp_path)
+    async with (
+        running_manager(settings, store=MemoryStore(), tracing=tracing) as manager,
+        fake_daemon("n1") as daemon,
+    ):
+        await manager.register("n1", daemon=daemon)
+        await manager.apply(agent_set("all", "a"))
+        await until(lambda: daemon.seen.traceparents, what="a traced push")
+    (apply_span,) = [s for s in exporter.get_finished_spans() if s.name.endswith("ApplyAgentSet")]
+    trace_id = daemon.seen.traceparents[0].split("-")[1]
+    assert trace_id == f"{apply_span.context.trace_id:032x}"
