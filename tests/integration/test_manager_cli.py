@@ -1,28 +1,25 @@
 """The operator commands against a real Manager on port 0 with fake daemons.
 
-The CLI runs in a worker thread (it runs its own event loop), the Manager and the
-fake daemons in the test's loop.
+The CLI runs as a real process (``python -m reconciler``), as operators run it; the
+Manager and the fake daemons run in the test's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
 
 from reconciler.api.agent.v1 import agent_pb2, node_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.api.manager.v1 import manager_pb2
 from reconciler.cli.apply_cmd import convergence
-from reconciler.cli.main import cli
 from reconciler.cli.metrics_cmd import chart, human_bytes
 from reconciler.manager.store.memory import MemoryStore
 from tests.integration.test_manager_support import (
@@ -30,6 +27,7 @@ from tests.integration.test_manager_support import (
     Manager,
     fake_daemon,
     manager_settings,
+    reconciler,
     running_manager,
     until,
 )
@@ -51,15 +49,6 @@ spec:
       command: [/bin/sleep, "600"]
       state: stopped
 """
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture
@@ -86,14 +75,6 @@ def shippers(tmp_path: Path) -> Path:
     path = tmp_path / "shippers.yaml"
     path.write_text(SHIPPERS)
     return path
-
-
-async def reconciler(manager: Manager | str, *args: str) -> Result:
-    """Run ``reconciler ARGS --manager ADDR`` in a thread."""
-    address = manager if isinstance(manager, str) else manager.address
-    runner = CliRunner()
-    argv = [*args, "--manager", address]
-    return await asyncio.to_thread(runner.invoke, cli, argv, catch_exceptions=False)
 
 
 async def report_running(manager: Manager, daemon: FakeDaemon) -> None:

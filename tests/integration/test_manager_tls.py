@@ -3,19 +3,15 @@ operators may use FleetService, and pushes to a TLS daemon verify the node."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from click.testing import CliRunner
 
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
-from reconciler.cli.main import cli
 from reconciler.config import TlsMode, TlsSettings
 from reconciler.manager.store.memory import MemoryStore
 from reconciler.tls import DevPki, make_dev_pki, secure_channel
@@ -24,6 +20,7 @@ from tests.integration.test_manager_support import (
     agent_set,
     fake_daemon,
     manager_settings,
+    reconciler,
     running_manager,
     until,
 )
@@ -42,15 +39,6 @@ def holder(pki: DevPki, name: str) -> TlsSettings:
     return TlsSettings(
         mode=TlsMode.MTLS, ca_file=str(pki.ca_cert), cert_file=str(cert), key_file=str(key)
     )
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture
@@ -107,7 +95,6 @@ async def test_the_cli_reaches_the_manager_with_an_operator_certificate(
 ) -> None:
     assert pki.operator is not None
     cert, key = pki.operator
-    argv = ["get", "nodes", "-o", "json", "--manager", manager.address]
-    argv += ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert), "--tls-key", str(key)]
-    result = await asyncio.to_thread(CliRunner().invoke, cli, argv, catch_exceptions=False)
+    tls_flags = ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+    result = await reconciler(manager, "get", "nodes", "-o", "json", extra=tls_flags)
     assert (result.exit_code, result.stdout.strip()) == (0, "[]"), result.stderr
