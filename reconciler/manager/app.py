@@ -27,13 +27,13 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import grpc
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from reconciler import __version__, rpc, telemetry, tls
@@ -70,12 +70,6 @@ class _Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.rpcs = Counter(
-            "reconciler_manager_rpcs",
-            "RPCs served, by method and status code.",
-            ["method", "code"],
-            registry=self.registry,
-        )
         self.push_seconds = Histogram(
             "reconciler_manager_push_seconds",
             "Time to push one node's desired state, retries included, by outcome.",
@@ -103,9 +97,6 @@ class _Metrics:
         for status, count in counts.items():
             self.nodes.labels(str(status)).set(count)
 
-    def count_rpc(self, method: str, code: grpc.StatusCode) -> None:
-        self.rpcs.labels(method, code.name).inc()
-
 
 class _TimedStore:
     """The store with every call's latency observed (each method wrapped once, on
@@ -128,41 +119,6 @@ class _TimedStore:
 
         setattr(self, name, timed)
         return timed
-
-
-class _RpcCounter(grpc.aio.ServerInterceptor):
-    """Counts every RPC by method and final status code."""
-
-    def __init__(self, count: Callable[[str, grpc.StatusCode], None]) -> None:
-        self._count = count
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None:
-            return handler  # streams are counted by the error interceptor only
-        behaviour: Any = handler.unary_unary
-
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                response = await behaviour(request, context)
-            except BaseException:
-                self._count(method, context.code() or grpc.StatusCode.UNKNOWN)
-                raise
-            self._count(method, grpc.StatusCode.OK)
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
 
 
 def _join(host: str, port: int) -> str:
@@ -322,12 +278,11 @@ class ManagerApp:
         settings = self.settings.grpc
         interceptors: list[grpc.aio.ServerInterceptor] = [
             *telemetry.server_interceptors(self.tracing, self.rpc_server_stats),
-            _RpcCounter(self.metrics.count_rpc),
-            rpc.ErrorInterceptor(on_error=self._count_stream_error),
+            rpc.ErrorInterceptor(),
         ]
         if self.tls_enabled:
             allowed = (tls.PeerRole.NODE, tls.PeerRole.OPERATOR, tls.PeerRole.MANAGER)
-            interceptors.insert(-2, tls.RoleInterceptor(allowed, tls_enabled=True))
+            interceptors.insert(-1, tls.RoleInterceptor(allowed, tls_enabled=True))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=rpc.server_options(max_message_bytes=settings.max_message_bytes),
@@ -340,10 +295,6 @@ class ManagerApp:
         self.server = server
         await server.start()
         await rpc.set_serving(self.health, _SERVICES, serving=True)
-
-    def _count_stream_error(self, method: str, code: grpc.StatusCode) -> None:
-        if method.endswith("/WatchEvents"):
-            self.metrics.count_rpc(method, code)
 
     async def _start_metrics(self) -> None:
         if not self.settings.metrics.listen:

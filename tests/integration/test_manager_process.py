@@ -53,7 +53,7 @@ async def test_the_manager_process_serves_and_stops_on_sigterm(tmp_path: Path) -
             assert registered.node_id == "n1"
         url = f"http://{metrics_address}/metrics"
         async with aiohttp.ClientSession() as session, session.get(url) as response:
-            assert "reconciler_manager_rpcs_total" in await response.text()
+            assert "reconciler_grpc_server_handled_total" in await response.text()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
         assert (tmp_path / "state" / "manager.db").exists()

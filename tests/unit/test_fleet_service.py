@@ -622,8 +622,8 @@ async def test_the_metrics_endpoint_counts_rpcs_and_nodes(
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         body = await response.text()
     assert (
-        'reconciler_manager_rpcs_total{code="OK",method="/reconciler.api.manager.v1.'
-        'ManagerService/RegisterNode"} 3.0' in body
+        'reconciler_grpc_server_handled_total{grpc_code="OK",grpc_method="RegisterNode",'
+        'grpc_service="reconciler.api.manager.v1.ManagerService"} 3.0' in body
     )
     assert 'reconciler_manager_nodes{status="Ready"} 3.0' in body
     assert 'reconciler_manager_push_seconds_count{outcome="Accepted"} 3.0' in body
