@@ -4,6 +4,9 @@
   ``ErrorInterceptor`` applies it to every RPC, so servicers raise model errors and
   never build statuses themselves. An unexpected exception becomes INTERNAL with a
   message, is logged once, and the server keeps serving.
+- ``is_retryable`` says which failures are worth retrying (UNAVAILABLE,
+  DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED): the daemon's Manager link and the Manager's
+  pushes both retry by it.
 - ``server_options`` / ``channel_options`` bound message sizes and set keepalive so a
   dead peer is noticed within a minute, with the server's enforcement policy matching
   what clients send.
@@ -35,9 +38,11 @@ from reconciler.model.errors import (
 
 __all__ = [
     "ERROR_CODES",
+    "RETRYABLE_CODES",
     "ErrorInterceptor",
     "add_standard_services",
     "channel_options",
+    "is_retryable",
     "server_options",
     "status_for",
 ]
@@ -55,6 +60,24 @@ ERROR_CODES: tuple[tuple[type[ReconcilerError], grpc.StatusCode], ...] = (
     (TemporaryError, grpc.StatusCode.UNAVAILABLE),
     (ReconcilerError, grpc.StatusCode.INTERNAL),
 )
+
+#: The failures worth another attempt: the peer or the path to it is away or busy.
+#: Every other status is a real answer and is not retried.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for a failed call (or a model ``Unavailable``) worth retrying."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code() in RETRYABLE_CODES
+    return isinstance(error, Unavailable)
+
 
 #: Keepalive: clients ping every 20 s without traffic and give up after 10 s without an
 #: answer, so a dead connection is noticed within 30 s; servers allow pings that often.

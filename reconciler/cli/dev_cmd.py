@@ -172,7 +172,7 @@ async def _run(
     tracing = telemetry.setup_tracing(
         daemon_settings.telemetry, service_name="reconciler-dev", version=__version__
     )
-    manager = ManagerApp(manager_settings)
+    manager = ManagerApp(manager_settings, tracing=tracing)
     daemon = DaemonApp(
         daemon_settings,
         allow_any_command=True,

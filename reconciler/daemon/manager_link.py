@@ -51,23 +51,11 @@ from reconciler.daemon.events import EventLog
 from reconciler.model.errors import ReconcilerError, StaleGeneration
 from reconciler.model.events import Event
 from reconciler.model.ids import AgentId
+from reconciler.rpc import RETRYABLE_CODES, is_retryable
 
-__all__ = ["LinkPolicy", "ManagerLink", "MetricsReader", "is_retryable"]
+__all__ = ["LinkPolicy", "ManagerLink", "MetricsReader"]
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
-
-def is_retryable(error: BaseException) -> bool:
-    """True for the gRPC failures worth retrying (the Manager or the path is away)."""
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() in RETRYABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +280,7 @@ class ManagerLink:
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_retryable),
             wait=wait_exponential_jitter(
-                initial=self._policy.retry_initial_s, max=self._policy.retry_max_s
+                multiplier=self._policy.retry_initial_s, max=self._policy.retry_max_s
             ),
             stop=stop_after_delay(self._policy.heartbeat_interval_s * 3),
             reraise=True,
@@ -309,7 +297,9 @@ class ManagerLink:
             error.details() or ""
         ):
             self._registered.clear()
-        level = logging.DEBUG if code in RETRYABLE and self.calls_failed > 1 else logging.WARNING
+        level = (
+            logging.DEBUG if code in RETRYABLE_CODES and self.calls_failed > 1 else logging.WARNING
+        )
         log.log(level, "%s to the Manager failed: %s %s", method, code.name, error.details())
 
 

@@ -46,39 +46,24 @@ from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 from reconciler.config import PushSettings
 from reconciler.convert import spec_messages_from_json
 from reconciler.manager.store import ManagerStore
-from reconciler.model.errors import ReconcilerError, Unavailable
+from reconciler.model.errors import ReconcilerError
+from reconciler.rpc import RETRYABLE_CODES, is_retryable
 
 __all__ = [
-    "RETRYABLE",
     "ChannelFactory",
     "DaemonChannels",
     "PushOutcome",
     "PushResult",
     "Pusher",
     "RetryPolicy",
-    "is_retryable",
 ]
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
 
 #: Opens a channel to a daemon: (address, node id) -> channel. The node id lets a TLS
 #: channel check the daemon's certificate names that node.
 ChannelFactory = Callable[[str, str], grpc.aio.Channel]
-
-
-def is_retryable(error: BaseException) -> bool:
-    """True for failures worth another attempt: the daemon or the store is away."""
-    if isinstance(error, grpc.aio.AioRpcError):
-        return error.code() in RETRYABLE
-    return isinstance(error, Unavailable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +274,7 @@ class Pusher:
         try:
             response = await stub.SyncAgentStates(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
-            if error.code() in RETRYABLE:
+            if error.code() in RETRYABLE_CODES:
                 raise
             return _refused(node_id, desired.generation, 0, error)
         await self._store.record_heartbeat(
