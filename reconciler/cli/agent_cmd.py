@@ -17,9 +17,9 @@ import click
 
 from reconciler.api.agent.v1 import agent_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
-from reconciler.cli.client import FleetClient, run
+from reconciler.cli.client import DaemonClient, FleetClient, run
 from reconciler.cli.connection import ManagerConnection, manager_options
-from reconciler.cli.options import CliError, Target, not_implemented, target_options
+from reconciler.cli.options import CliError, Target, target_options
 from reconciler.convert import operation_to_proto
 
 __all__ = ["OPERATIONS", "agent", "find_node"]
@@ -60,7 +60,7 @@ def _operation(name: str, help_text: str) -> click.Command:
             operation_id=operation_id or uuid.uuid4().hex,
         )
         if target.daemon is not None:
-            _operate_on_daemon(ctx, target.daemon, request)
+            _operate_on_daemon(target.daemon, request, connection=connection)
             return
         _operate_through_manager(target.node, request, connection=connection)
 
@@ -87,10 +87,14 @@ def _operate_through_manager(
 ) -> None:
     client = FleetClient(connection)
     node_id, response = run(_operate(client, node, request), address=client.address)
+    _report(node_id, response)
+
+
+def _report(where: str, response: agent_pb2.AgentOperationResponse) -> None:
     operation = agent_pb2.Operation.Name(response.operation).removeprefix("OPERATION_").lower()
     summary = f": {response.message}" if response.message else ""
     again = " (already done: this operation id was seen before)" if response.duplicate else ""
-    click.echo(f"agent {response.agent_id} on {node_id}: {operation}{summary}{again}")
+    click.echo(f"agent {response.agent_id} on {where}: {operation}{summary}{again}")
 
 
 async def _operate(
@@ -106,7 +110,16 @@ async def _operate(
 
 
 def _operate_on_daemon(
-    ctx: click.Context, address: str, request: agent_pb2.AgentOperationRequest
+    address: str, request: agent_pb2.AgentOperationRequest, *, connection: ManagerConnection
 ) -> None:
     """``--daemon ADDR``: DaemonService.OperateAgent on one daemon directly."""
-    not_implemented(ctx)
+
+    async def operate(client: DaemonClient) -> agent_pb2.AgentOperationResponse:
+        async with client:
+            response: agent_pb2.AgentOperationResponse = await client.daemon.OperateAgent(
+                request, timeout=client.timeout_s
+            )
+            return response
+
+    response = run(operate(DaemonClient(address, connection)), address=address, peer="the daemon")
+    _report(address, response)

@@ -11,8 +11,8 @@ the gRPC status, e.g. ``UNAVAILABLE: cannot reach the Manager at 127.0.0.1:7060 
 ``recent_events`` reads the stored events
 that match a filter (WatchEvents replays them first and says how many).
 
-What it does not do: print (``output.py`` and the commands do), or talk to daemons
-directly (the ``--daemon`` paths).
+``DaemonClient`` is the same for one daemon (``--daemon ADDR``), with the same TLS
+flags. What it does not do: print (``output.py`` and the commands do).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import grpc
 
 from reconciler import tls
 from reconciler.api.agent.v1 import event_pb2
+from reconciler.api.daemon.v1 import daemon_pb2_grpc
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.cli.connection import ManagerConnection, resolve_manager_address
 from reconciler.cli.options import CliError
@@ -34,7 +35,14 @@ from reconciler.convert import timestamp
 from reconciler.manager.fleet import REPLAY_COUNT_KEY
 from reconciler.rpc import channel_options
 
-__all__ = ["DEFAULT_TIMEOUT_S", "FleetClient", "recent_events", "rpc_error_line", "run"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DaemonClient",
+    "FleetClient",
+    "recent_events",
+    "rpc_error_line",
+    "run",
+]
 
 T = TypeVar("T")
 
@@ -44,13 +52,13 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 _REPLAY_IDLE_S: Final = 0.5
 
 
-def rpc_error_line(error: grpc.aio.AioRpcError, *, address: str) -> str:
+def rpc_error_line(error: grpc.aio.AioRpcError, *, address: str, peer: str = "the Manager") -> str:
     """One line for a failed call: the status name, the details, and where."""
     code = error.code()
     name = code.name if code is not None else "UNKNOWN"
     details = " ".join((error.details() or "").split())
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return f"{name}: cannot reach the Manager at {address}: {details}"
+        return f"{name}: cannot reach {peer} at {address}: {details}"
     return f"{name}: {details}"
 
 
@@ -95,12 +103,54 @@ class FleetClient:
         return self._fleet
 
 
-def run(coroutine: Coroutine[Any, Any, T], *, address: str = "the Manager") -> T:
+class DaemonClient:
+    """One channel to a daemon (``--daemon ADDR``: host:port or unix:PATH) and a
+    DaemonService stub on it, with the same TLS flags as the Manager's."""
+
+    def __init__(
+        self,
+        address: str,
+        connection: ManagerConnection,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._tls = tls.settings_from_files(
+            connection.tls.ca_file, connection.tls.cert_file, connection.tls.key_file
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._daemon: daemon_pb2_grpc.DaemonServiceAsyncStub | None = None
+
+    async def __aenter__(self) -> DaemonClient:
+        self._channel = tls.secure_channel(self.address, self._tls, options=channel_options())
+        self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def daemon(self) -> daemon_pb2_grpc.DaemonServiceAsyncStub:
+        """The DaemonService stub (inside ``async with``)."""
+        if self._daemon is None:
+            raise RuntimeError("use DaemonClient in `async with`")
+        return self._daemon
+
+
+def run(coroutine: Coroutine[Any, Any, T], *, address: str = "", peer: str = "the Manager") -> T:
     """Run a command's coroutine; a failed RPC becomes a one-line ``CliError``."""
     try:
         return asyncio.run(coroutine)
     except grpc.aio.AioRpcError as error:
-        raise CliError(rpc_error_line(error, address=address)) from None
+        raise CliError(rpc_error_line(error, address=address, peer=peer)) from None
 
 
 async def recent_events(

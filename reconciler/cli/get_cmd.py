@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import click
 from google.protobuf import timestamp_pb2
 
 from reconciler.api.agent.v1 import agent_pb2, node_pb2
+from reconciler.api.daemon.v1 import daemon_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
-from reconciler.cli.client import FleetClient, run
+from reconciler.cli.client import DaemonClient, FleetClient, run
 from reconciler.cli.connection import ManagerConnection, manager_options
-from reconciler.cli.options import KEY_VALUE, Target, not_implemented, target_options
+from reconciler.cli.options import KEY_VALUE, Target, target_options
 from reconciler.cli.output import OutputFormat, output_option, print_records
 from reconciler.convert import message_to_dict
 from reconciler.manager.plan import NodeSelector
@@ -35,6 +36,8 @@ __all__ = [
     "node_row",
     "nodes",
 ]
+
+Client = TypeVar("Client", FleetClient, DaemonClient)
 
 #: Seconds between two polls of --watch.
 WATCH_INTERVAL_S: Final = 2.0
@@ -137,8 +140,8 @@ def _show(
 
 
 async def _fetch_and_show(
-    client: FleetClient,
-    fetch: Callable[[FleetClient], Awaitable[Sequence[Any]]],
+    client: Client,
+    fetch: Callable[[Client], Awaitable[Sequence[Any]]],
     rows: Callable[[Any], dict[str, Any]],
     output: OutputFormat,
     *,
@@ -223,7 +226,9 @@ def agents(
 ) -> None:
     """List agents with their observed state (all nodes, one node, or one daemon)."""
     if target.daemon is not None:
-        _agents_from_daemon(ctx, target.daemon, selector, watch=watch, output=output)
+        _agents_from_daemon(
+            target.daemon, selector, watch=watch, connection=connection, output=output
+        )
         return
     _agents_from_manager(target.node, selector, watch=watch, connection=connection, output=output)
 
@@ -246,15 +251,26 @@ def _agents_from_manager(
 
 
 def _agents_from_daemon(
-    ctx: click.Context,
     address: str,
     selector: tuple[tuple[str, str], ...],
     *,
     watch: bool,
+    connection: ManagerConnection,
     output: OutputFormat,
 ) -> None:
     """``get agents --daemon ADDR``: DaemonService.ListAgents on one daemon."""
-    not_implemented(ctx)
+
+    async def fetch(client: DaemonClient) -> Sequence[agent_pb2.AgentState]:
+        request = daemon_pb2.ListAgentsRequest(label_selector=dict(selector))
+        listed = await client.daemon.ListAgents(request, timeout=client.timeout_s)
+        return list(listed.agents)
+
+    client = DaemonClient(address, connection)
+    run(
+        _fetch_and_show(client, fetch, agent_row, output, watch=watch),
+        address=address,
+        peer="the daemon",
+    )
 
 
 @get.command()

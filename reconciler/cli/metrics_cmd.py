@@ -18,9 +18,9 @@ import click
 from reconciler.api.agent.v1 import metrics_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.cli.agent_cmd import find_node
-from reconciler.cli.client import FleetClient, run
+from reconciler.cli.client import DaemonClient, FleetClient, run
 from reconciler.cli.connection import ManagerConnection, manager_options
-from reconciler.cli.options import DURATION, Target, not_implemented, target_options
+from reconciler.cli.options import DURATION, Target, target_options
 from reconciler.cli.output import OutputFormat, output_option, print_document
 from reconciler.convert import message_to_dict
 
@@ -123,12 +123,18 @@ def metrics(
     """Show the resource samples of agent ID."""
     query = metrics_pb2.AgentMetricsRequest(agent_id=agent_id, duration_seconds=since)
     if target.daemon is not None:
-        _metrics_from_daemon(ctx, target.daemon, query, output=output)
+        client = DaemonClient(target.daemon, connection)
+        response = run(_query_daemon(client, query), address=target.daemon, peer="the daemon")
+        _show(target.daemon, response, output)
         return
-    client = FleetClient(connection)
-    node_id, response = run(_query(client, target.node, query), address=client.address)
+    fleet = FleetClient(connection)
+    node_id, response = run(_query(fleet, target.node, query), address=fleet.address)
+    _show(node_id, response, output)
+
+
+def _show(where: str, response: metrics_pb2.AgentMetricsResponse, output: OutputFormat) -> None:
     if output is OutputFormat.TABLE:
-        for line in render_metrics(node_id, response):
+        for line in render_metrics(where, response):
             click.echo(line)
     else:
         print_document(message_to_dict(response), output)
@@ -146,12 +152,11 @@ async def _query(
         return node_id, response
 
 
-def _metrics_from_daemon(
-    ctx: click.Context,
-    address: str,
-    query: metrics_pb2.AgentMetricsRequest,
-    *,
-    output: OutputFormat,
-) -> None:
-    """``--daemon ADDR``: DaemonService.GetAgentMetrics on one daemon directly."""
-    not_implemented(ctx)
+async def _query_daemon(
+    client: DaemonClient, query: metrics_pb2.AgentMetricsRequest
+) -> metrics_pb2.AgentMetricsResponse:
+    async with client:
+        response: metrics_pb2.AgentMetricsResponse = await client.daemon.GetAgentMetrics(
+            query, timeout=client.timeout_s
+        )
+        return response

@@ -2,8 +2,7 @@
 
 ``CliError`` is the one way a command fails on purpose: its message is printed alone
 on stderr and the process exits with its code (``main.py`` turns ``ConfigError`` into
-one too). ``not_implemented`` is the body of the commands whose machinery does not
-exist yet. Option types parse durations (``120s``, ``10m``) and ``key=value`` pairs.
+one too). Option types parse durations (``120s``, ``10m``) and ``key=value`` pairs.
 Manager connection options live in ``connection.py``.
 """
 
@@ -14,7 +13,7 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Final, NoReturn, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import click
 
@@ -23,15 +22,11 @@ from reconciler.config import MAX_DURATION_S
 __all__ = [
     "DURATION",
     "EXIT_FAILURE",
-    "EXIT_NOT_IMPLEMENTED",
     "KEY_VALUE",
     "CliError",
     "DurationParam",
     "KeyValueParam",
-    "NotImplementedYet",
     "Target",
-    "command_name",
-    "not_implemented",
     "parse_duration",
     "set_option",
     "target_options",
@@ -42,7 +37,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Exit status of a command that failed (bad settings, unreachable server, ...).
 EXIT_FAILURE: Final = 1
 #: Exit status of a command whose machinery is not built yet (click uses 2 for usage).
-EXIT_NOT_IMPLEMENTED: Final = 2
 
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -55,26 +49,6 @@ class CliError(click.ClickException):
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(self.format_message(), err=file is None, file=file)
-
-
-class NotImplementedYet(CliError):
-    """The command's machinery does not exist yet: exit status 2."""
-
-    exit_code = EXIT_NOT_IMPLEMENTED
-
-
-def command_name(ctx: click.Context) -> str:
-    """The command as typed after the program name, e.g. ``agent start``."""
-    names: list[str] = []
-    while ctx.parent is not None:
-        names.append(ctx.info_name or "")
-        ctx = ctx.parent
-    return " ".join(reversed(names))
-
-
-def not_implemented(ctx: click.Context) -> NoReturn:
-    """Fail with ``<command>: not implemented yet`` and exit status 2."""
-    raise NotImplementedYet(f"{command_name(ctx)}: not implemented yet")
 
 
 def parse_duration(text: str) -> float:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +198,40 @@ def test_unknown_agents_and_bad_ids_get_clear_errors(daemon: DaemonProcess) -> N
         daemon.operate("../x", agent_pb2.OPERATION_RESTART)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "agent_id" in bad.value.details()
+
+
+def reconciler(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_one_node_is_useful_without_a_manager_through_the_cli(daemon: DaemonProcess) -> None:
+    daemon.sync(1, [spec("one", labels={"team": "obs"}), spec("two")])
+    pid = wait_for(lambda: daemon.running().get("one"), what="running")
+
+    listed = reconciler("get", "agents", "--daemon", daemon.address, "-l", "team=obs", "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [a["spec"]["id"] for a in json.loads(listed.stdout)] == ["one"]
+
+    table = reconciler("get", "agents", "--daemon", daemon.address)
+    assert table.returncode == 0, table.stderr
+    assert "one" in table.stdout
+    assert "two" in table.stdout
+
+    restart = reconciler("agent", "restart", "one", "--daemon", daemon.address)
+    assert restart.returncode == 0, restart.stderr
+    assert "restart" in restart.stdout
+    wait_for(lambda: (p := daemon.running().get("one")) and p != pid, what="restarted")
+
+    wait_for(
+        lambda: "cpu" in reconciler("metrics", "one", "--daemon", daemon.address).stdout.lower(),
+        what="metrics with samples",
+    )
+    missing = reconciler("agent", "restart", "nobody", "--daemon", daemon.address)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("NOT_FOUND")

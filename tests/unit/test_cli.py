@@ -87,54 +87,6 @@ def test_the_agent_group_has_start_stop_and_restart() -> None:
     }
 
 
-@pytest.mark.parametrize(
-    ("args", "name"),
-    [
-        pytest.param(["manager", "--config", "m.yaml"], "manager", id="manager"),
-        pytest.param(
-            ["apply", "-f", "{file}", "--dry-run", "--wait", "--timeout", "90s"],
-            "apply",
-            id="apply",
-        ),
-        pytest.param(
-            ["get", "nodes", "-l", "role=edge", "-o", "json"], "get nodes", id="get-nodes"
-        ),
-        pytest.param(
-            ["get", "agents", "--daemon", "127.0.0.1:7070", "--watch"],
-            "get agents",
-            id="get-agents",
-        ),
-        pytest.param(["get", "agentsets", "--node", "n1"], "get agentsets", id="get-agentsets"),
-        pytest.param(["describe", "node", "n1"], "describe node", id="describe-node"),
-        pytest.param(
-            ["describe", "agent", "a1", "--node", "n1"], "describe agent", id="describe-agent"
-        ),
-        pytest.param(["delete", "agentset", "web"], "delete agentset", id="delete-agentset"),
-        pytest.param(["agent", "start", "a1", "--node", "n1"], "agent start", id="agent-start"),
-        pytest.param(
-            ["agent", "stop", "a1", "--operation-id", "op-1"], "agent stop", id="agent-stop"
-        ),
-        pytest.param(
-            ["agent", "restart", "a1", "--daemon", "127.0.0.1:7070"],
-            "agent restart",
-            id="agent-restart",
-        ),
-        pytest.param(["metrics", "a1", "--since", "1h"], "metrics", id="metrics"),
-        pytest.param(["events", "--follow", "--agent", "a1"], "events", id="events"),
-    ],
-)
-def test_commands_not_built_yet_exit_2_saying_so(
-    runner: CliRunner, tmp_path: Path, args: list[str], name: str
-) -> None:
-    agentset = tmp_path / "set.yaml"
-    agentset.write_text("kind: AgentSet\n")
-    args = [a.format(file=agentset, dir=tmp_path / "certs") for a in args]
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 2
-    assert result.stderr == f"{name}: not implemented yet\n"
-    assert result.stdout == ""
-
-
 def test_node_and_daemon_together_are_a_usage_error(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["agent", "start", "a1", "--node", "n1", "--daemon", "127.0.0.1:1"])
     assert result.exit_code == 2
@@ -258,10 +210,10 @@ def test_config_check_with_an_explicit_role_refuses_the_other_roles_keys(runner:
     [
         pytest.param(["version"], 0, "", id="success"),
         pytest.param(
-            ["agent", "restart", "a1"],
-            2,
-            "agent restart: not implemented yet\n",
-            id="not-implemented",
+            ["agent", "restart", "a1", "--daemon", "127.0.0.1:1"],
+            1,
+            "UNAVAILABLE: cannot reach the daemon at 127.0.0.1:1",
+            id="unreachable-daemon",
         ),
         pytest.param(
             ["config", "check", "/nonexistent/d.yaml"],
