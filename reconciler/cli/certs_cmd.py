@@ -1,7 +1,7 @@
 """``reconciler certs init DIR``: a CA plus Manager, node and client certificates for
 mutual TLS in development and small fleets (PEM files, keys 0600).
 
-The certificates themselves are made by ``reconciler.tls.make_dev_pki``; this module
+The certificates themselves are made by ``reconciler.pki.make_dev_pki``; this module
 parses the options, turns its refusals into one-line errors, and prints what was
 written with the settings that use it. Production fleets bring their own CA
 (``docs/security.md``).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from reconciler.cli.options import CliError
-from reconciler.tls import DevPki, make_dev_pki
+from reconciler.pki import DevPki, make_dev_pki
 
 __all__ = ["certs", "init", "usage_text"]
 

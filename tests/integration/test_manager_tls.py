@@ -14,7 +14,8 @@ from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
 from reconciler.config import TlsMode, TlsSettings
 from reconciler.manager.store.memory import MemoryStore
-from reconciler.tls import DevPki, make_dev_pki, secure_channel
+from reconciler.pki import DevPki, make_dev_pki
+from reconciler.tls import secure_channel
 from tests.integration.test_manager_support import (
     Manager,
     agent_set,

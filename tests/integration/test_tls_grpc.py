@@ -17,13 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reconciler.config import TlsMode, TlsSettings
+from reconciler.pki import DevPki, make_dev_pki
 from reconciler.rpc import ErrorInterceptor, add_standard_services, set_serving
 from reconciler.tls import (
-    DevPki,
     PeerRole,
     RoleInterceptor,
     add_listen_port,
-    make_dev_pki,
     peer_identity,
     peer_identity_of,
     require_node,

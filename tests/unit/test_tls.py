@@ -18,9 +18,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from reconciler.cli.main import cli
 from reconciler.config import ConfigError, TlsMode, TlsSettings
 from reconciler.model.errors import PermissionDenied
+from reconciler.pki import DevPki, make_dev_pki
 from reconciler.tls import (
     ANY_NODE,
-    DevPki,
     PeerIdentity,
     PeerRole,
     TlsFileError,
@@ -30,7 +30,6 @@ from reconciler.tls import (
     insecure_loopback_channel,
     key_file_problem,
     load_tls_material,
-    make_dev_pki,
     peer_identity,
     peer_identity_of,
     require_node,
