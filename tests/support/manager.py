@@ -1,0 +1,238 @@
+"""Run a real ``reconciler manager`` process for tests, and talk to it over gRPC.
+
+The Manager runs as a child process with its settings file, state directory and log
+under the test's tmp_path, on ports picked once (so it comes back on the same address
+after ``kill`` or ``terminate`` and ``start``: daemons find it again). Its store is
+SQLite in the state directory, or PostgreSQL when ``postgres_dsn`` is given (wrap the
+session's DSN in ``tests.support.postgres.isolated_schema`` for fresh tables). With
+``tls`` (a ``DevPki``) it serves mutual TLS, and the helpers below dial it as the
+operator.
+
+What it does not do: start daemons (``tests.support.daemon.DaemonProcess`` does; point
+its ``manager.address`` at ``ManagerProcess.address``) or decide anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from reconciler.api.agent.v1 import agent_pb2, node_pb2
+from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
+from reconciler.tls import DevPki
+from tests.support.daemon import free_port, wait_for
+
+__all__ = ["ManagerProcess", "cli", "operator_tls_flags"]
+
+
+def operator_tls_flags(pki: DevPki | None) -> list[str]:
+    """The CLI's --tls-* flags for the operator certificate of ``pki`` ([] without)."""
+    if pki is None:
+        return []
+    assert pki.operator is not None
+    cert, key = pki.operator
+    return ["--tls-ca", str(pki.ca_cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+
+
+def cli(
+    *args: str, manager: str, pki: DevPki | None = None, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``reconciler ARGS --manager ADDR`` as a real process; its completed result."""
+    argv = [sys.executable, "-m", "reconciler", *args, "--manager", manager]
+    return subprocess.run(
+        [*argv, *operator_tls_flags(pki)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "RECONCILER_MANAGER"},
+    )
+
+
+@dataclass
+class ManagerProcess:
+    """One Manager child process and its files."""
+
+    root: Path
+    postgres_dsn: str = ""
+    tls: DevPki | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Extra settings merged over the defaults, section by section."""
+    proc: subprocess.Popen[bytes] | None = None
+    grpc_port: int = 0
+    metrics_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "manager.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "manager.log"
+
+    def write_config(self) -> None:
+        base: dict[str, Any] = {
+            "state_dir": str(self.root / "state"),
+            "grpc": {"listen": self.address},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
+            "logging": {"level": "info"},
+        }
+        if self.postgres_dsn:
+            base["store"] = {"backend": "postgres", "postgres_dsn": self.postgres_dsn}
+        if self.tls is not None:
+            base["tls"] = {
+                "mode": "mtls",
+                "ca_file": str(self.tls.ca_cert),
+                "cert_file": str(self.tls.manager_cert),
+                "key_file": str(self.tls.manager_key),
+            }
+        for section, values in self.settings.items():
+            if isinstance(values, dict):
+                base.setdefault(section, {}).update(values)
+            else:
+                base[section] = values
+        self.config_path.write_text(yaml.safe_dump(base))
+
+    def start(self, *, timeout_s: float = 30.0) -> None:
+        self.write_config()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reconciler", "manager", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")},
+            )
+        wait_for(self._serving, timeout_s=timeout_s, what="the manager to serve")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.log_text()}")
+        try:
+            with self.channel() as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def kill(self) -> None:
+        """SIGKILL the Manager."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def terminate(self) -> int:
+        """SIGTERM the Manager and wait for it to end; its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        self.kill()
+
+    def log_text(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    # -- FleetService ---------------------------------------------------------------
+
+    def channel(self) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(self.address)
+        assert self.tls.operator is not None
+        cert, key = self.tls.operator
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca_cert.read_bytes(),
+            private_key=key.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+        )
+        return grpc.secure_channel(self.address, credentials)
+
+    @contextmanager
+    def fleet(self) -> Iterator[fleet_pb2_grpc.FleetServiceStub]:
+        with self.channel() as channel:
+            yield fleet_pb2_grpc.FleetServiceStub(channel)
+
+    def nodes(self) -> dict[str, node_pb2.NodeInfo]:
+        """node id -> NodeInfo, as the Manager shows them."""
+        with self.fleet() as fleet:
+            answer = fleet.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)
+        return {node.node_id: node for node in answer.nodes}
+
+    def agents(self, node_id: str = "") -> list[agent_pb2.AgentState]:
+        """The agents the Manager shows (of one node, or of all)."""
+        with self.fleet() as fleet:
+            answer = fleet.ListAgents(fleet_pb2.ListAgentsRequest(node_id=node_id), timeout=10)
+        return list(answer.agents)
+
+    def operate(
+        self,
+        node_id: str,
+        agent_id: str,
+        operation: agent_pb2.Operation.ValueType,
+        *,
+        operation_id: str = "",
+        timeout_s: float = 10.0,
+    ) -> agent_pb2.AgentOperationResponse:
+        request = fleet_pb2.OperateAgentRequest(
+            node_id=node_id,
+            request=agent_pb2.AgentOperationRequest(
+                agent_id=agent_id, operation=operation, operation_id=operation_id
+            ),
+        )
+        with self.fleet() as fleet:
+            answer: agent_pb2.AgentOperationResponse = fleet.OperateAgent(
+                request, timeout=timeout_s
+            )
+        return answer
+
+    def wait_ready_nodes(self, node_ids: set[str], *, timeout_s: float = 30.0) -> float:
+        """Wait until every node in ``node_ids`` is Ready; the seconds it took."""
+        started = time.monotonic()
+
+        def ready() -> bool:
+            try:
+                nodes = self.nodes()
+            except grpc.RpcError:
+                return False
+            return all(
+                node_id in nodes and nodes[node_id].status == node_pb2.NODE_STATUS_READY
+                for node_id in node_ids
+            )
+
+        wait_for(ready, timeout_s=timeout_s, interval_s=0.1, what=f"nodes {sorted(node_ids)}")
+        return time.monotonic() - started
