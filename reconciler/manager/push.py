@@ -13,6 +13,10 @@ newer generation than the one offered (another Manager replica pushed it, say): 
 real answer, not retried. Pushing is idempotent by generation, so a retry after a
 lost answer changes nothing on the daemon.
 
+Failpoint ``manager.mid_push`` (``reconciler.failpoints``) sits after a daemon
+accepted a generation and before its answer is recorded: killed there, the Manager
+has pushed to some nodes and not to others, and knows it of none.
+
 A push that gives up is not the end: every heartbeat answer carries the node's
 desired generation and a daemon that is behind pulls it (GetDesiredState).
 
@@ -42,6 +46,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from reconciler import failpoints
 from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 from reconciler.config import PushSettings
 from reconciler.convert import spec_messages_from_json
@@ -277,6 +282,7 @@ class Pusher:
             if error.code() in RETRYABLE_CODES:
                 raise
             return _refused(node_id, desired.generation, 0, error)
+        failpoints.failpoint("manager.mid_push")
         await self._store.record_heartbeat(
             node_id,
             at=self._clock(),
