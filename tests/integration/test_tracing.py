@@ -246,10 +246,6 @@ def _serving(address: str, proc: subprocess.Popen[bytes]) -> bool:
     return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Manager does not add reconciler.telemetry's interceptors yet",
-)
 async def test_every_manager_and_fleet_service_method_makes_a_server_span(
     tmp_path: Path, collector: OtlpCollector
 ) -> None:
