@@ -503,7 +503,11 @@ def _refuse_event(event: yaml.Event, constructors: Mapping[Any, Any]) -> None:
 
 def _parse_yaml(text: str, *, origin: str, file: str | None) -> Any:
     """One safe YAML document from ``text``; a ConfigError for anything else."""
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character, found before parsing
+        problem = f"not valid YAML: character #x{exc.character:04x} at offset {exc.position}"
+        raise ConfigError(problem, origin=origin, file=file) from None
     try:
         return loader.get_single_data()
     except _Refused as exc:
