@@ -174,7 +174,11 @@ def _refused(problem: str, marked: Any) -> yaml.YAMLError:
 
 
 def _documents(text: str, *, source: str) -> list[Any]:
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character, found before parsing
+        problem = f"not valid YAML: character #x{exc.character:04x} at offset {exc.position}"
+        raise AgentSetFileError(source, problem) from None
     try:
         documents = []
         while loader.check_data():  # type: ignore[no-untyped-call]

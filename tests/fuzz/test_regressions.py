@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import ConfigError, DaemonSettings, ManagerSettings, load_settings
+from reconciler.manager.agentset import AgentSetFileError, parse_agent_sets
 
 __all__: list[str] = []
 
@@ -31,3 +32,9 @@ def test_a_settings_file_with_a_control_character_is_a_config_error_naming_the_f
     with pytest.raises(ConfigError, match="not valid YAML: character #x") as caught:
         load_settings(cls, path, env={})
     assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("text", CONTROL_CHARACTERS)
+def test_an_agentset_file_with_a_control_character_is_an_agentset_file_error(text: str) -> None:
+    with pytest.raises(AgentSetFileError, match="not valid YAML: character #x"):
+        parse_agent_sets(text, source="sets.yaml")
