@@ -8,7 +8,7 @@ PROTO_DIR := api/proto
 PROTOS := $(shell find $(PROTO_DIR) -name '*.proto' 2>/dev/null | sort)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast lint fmt typecheck layers gen check-gen bench robustness clean
+.PHONY: help setup demo test test-fast lint fmt typecheck layers gen check-gen bench robustness fuzz fuzz-merge clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,26 @@ bench: $(STAMP) ## Run the benchmarks and rewrite docs/benchmarks.md
 
 robustness: $(STAMP) ## Run the long robustness profile
 	RECONCILER_ROBUSTNESS=long $(BIN)/pytest -p no:cacheprovider tests/robustness
+
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= heartbeat frame command config agentset
+FUZZ_WORK ?= /tmp/reconciler-fuzz
+
+fuzz: $(STAMP) ## Fuzz each target with atheris for FUZZ_SECONDS (default 600); findings in FUZZ_WORK
+	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
+	set -e; for target in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_WORK)/$$target; \
+	  $(BIN)/python -m fuzz $$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_WORK)/$$target- $(FUZZ_WORK)/$$target fuzz/corpus/$$target; \
+	done
+
+fuzz-merge: $(STAMP) ## Minimise what make fuzz found into the committed corpus under fuzz/corpus
+	set -e; for target in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_WORK)/$$target $(FUZZ_WORK)/merged-$$target; \
+	  $(BIN)/python -m fuzz $$target -merge=1 $(FUZZ_WORK)/merged-$$target fuzz/corpus/$$target $(FUZZ_WORK)/$$target; \
+	  rm -f fuzz/corpus/$$target/*; mv $(FUZZ_WORK)/merged-$$target/* fuzz/corpus/$$target/; \
+	  rmdir $(FUZZ_WORK)/merged-$$target; \
+	done
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
