@@ -8,8 +8,12 @@ session's DSN in ``tests.support.postgres.isolated_schema`` for fresh tables). W
 ``tls`` (a ``DevPki``) it serves mutual TLS, and the helpers below dial it as the
 operator.
 
-What it does not do: start daemons (``tests.support.daemon.DaemonProcess`` does; point
-its ``manager.address`` at ``ManagerProcess.address``) or decide anything.
+``Fleet`` holds the Managers and daemons (``tests.support.daemon.DaemonProcess``,
+linked to a Manager with fast heartbeats) of one test and ends them all, agents
+included. ``cli`` runs the real ``reconciler`` command against a Manager.
+
+What it does not do: decide anything, or wait for convergence (tests poll with
+``tests.support.daemon.wait_for``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,9 +37,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reconciler.api.agent.v1 import agent_pb2, node_pb2
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.tls import DevPki
-from tests.support.daemon import free_port, wait_for
+from tests.support.daemon import DaemonProcess, free_port, wait_for
 
-__all__ = ["ManagerProcess", "cli", "operator_tls_flags"]
+__all__ = [
+    "Fleet",
+    "ManagerProcess",
+    "agent_set_yaml",
+    "cli",
+    "operator_tls_flags",
+    "sleeper",
+]
 
 
 def operator_tls_flags(pki: DevPki | None) -> list[str]:
@@ -236,3 +248,91 @@ class ManagerProcess:
 
         wait_for(ready, timeout_s=timeout_s, interval_s=0.1, what=f"nodes {sorted(node_ids)}")
         return time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------- fleets
+
+
+def agent_set_yaml(
+    name: str,
+    *,
+    agents: list[dict[str, Any]],
+    match_labels: dict[str, str] | None = None,
+    node_ids: list[str] | None = None,
+) -> str:
+    """An AgentSet file as an operator writes it."""
+    selector: dict[str, Any] = {}
+    if match_labels:
+        selector["matchLabels"] = match_labels
+    if node_ids:
+        selector["nodeIds"] = node_ids
+    document = {
+        "apiVersion": "reconciler/v1",
+        "kind": "AgentSet",
+        "metadata": {"name": name},
+        "spec": {"nodeSelector": selector, "agents": agents},
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def sleeper(agent_id: str, seconds: str = "3600") -> dict[str, Any]:
+    """An agent judged by its process alone: ``/bin/sleep SECONDS``."""
+    return {
+        "id": agent_id,
+        "command": ["/bin/sleep", seconds],
+        "stopGracePeriodSeconds": 2,
+    }
+
+
+@dataclass
+class Fleet:
+    """Managers and daemons of one test, each under ``root``; ``close`` ends them all
+    (and every agent the daemons started)."""
+
+    root: Path
+    managers: list[ManagerProcess] = field(default_factory=list)
+    daemons: list[DaemonProcess] = field(default_factory=list)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+
+    def manager(self, **options: Any) -> ManagerProcess:
+        manager = ManagerProcess(self.root / f"manager-{len(self.managers)}", **options)
+        self.managers.append(manager)
+        manager.start()
+        return manager
+
+    def daemon(
+        self,
+        name: str,
+        *,
+        manager_address: str,
+        labels: dict[str, str] | None = None,
+        node_id: str = "",
+        link: dict[str, Any] | None = None,
+        start: bool = True,
+        kind: type[DaemonProcess] = DaemonProcess,
+        **settings: Any,
+    ) -> DaemonProcess:
+        """A daemon linked to ``manager_address``; ``link`` overrides its ``manager``
+        settings (fast by default: 1 s heartbeats and reports, 2 s call deadline)."""
+        link_settings = {
+            "address": manager_address,
+            "heartbeat_interval_s": 1.0,
+            "report_interval_s": 1.0,
+            "call_timeout_s": 2.0,
+            **(link or {}),
+        }
+        daemon = kind(
+            self.root / name,
+            node_id=node_id or f"{name}-{self.token}",
+            settings={"node": {"labels": labels or {}}, "manager": link_settings, **settings},
+        )
+        self.daemons.append(daemon)
+        if start:
+            daemon.start()
+        return daemon
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.close()
+        for manager in self.managers:
+            manager.close()
