@@ -270,14 +270,15 @@ class BoundedBatchSpanProcessor(SpanProcessor):
                 self._idle.wait(min(remaining, 0.05))
         return True
 
-    def shutdown(self) -> None:
-        """Export what is left (bounded by the exporter's own timeout), then stop."""
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Export what is left, waiting at most ``timeout_s`` (then what is still
+        queued is lost), and stop."""
         if self._closed:
             return
         self._closed = True
         self._wake.set()
-        self._thread.join(timeout=30.0)
-        self._exporter.shutdown()
+        self._thread.join(timeout=timeout_s)
+        self._exporter.shutdown()  # also cuts short an export still retrying
 
 
 # --------------------------------------------------------------------------- tracing
@@ -293,11 +294,13 @@ class Tracing:
         plan: ExportPlan,
         counters: SpanCounters,
         owns_global: bool = False,
+        processor: BoundedBatchSpanProcessor | None = None,
     ) -> None:
         self.provider = provider
         self.plan = plan
         self.counters = counters
         self._owns_global = owns_global
+        self._processor = processor
 
     @property
     def enabled(self) -> bool:
@@ -314,8 +317,11 @@ class Tracing:
             return True
         return self.provider.force_flush(int(timeout_s * 1000))
 
-    def shutdown(self) -> None:
-        """Export what is left and stop the export thread; idempotent."""
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Export what is left (waiting at most ``timeout_s``) and stop the export
+        thread; idempotent."""
+        if self._processor is not None:
+            self._processor.shutdown(timeout_s)
         if self.provider is not None:
             self.provider.shutdown()
 
@@ -361,7 +367,9 @@ def setup_tracing(
         f" to {plan.endpoint}" if plan.endpoint else "",
         extra={"service": service_name},
     )
-    return Tracing(provider, plan=plan, counters=counters, owns_global=owns_global)
+    return Tracing(
+        provider, plan=plan, counters=counters, owns_global=owns_global, processor=processor
+    )
 
 
 def _exporter(plan: ExportPlan) -> SpanExporter:

@@ -12,7 +12,16 @@ the gRPC status, e.g. ``UNAVAILABLE: cannot reach the Manager at 127.0.0.1:7060 
 that match a filter (WatchEvents replays them first and says how many).
 
 ``DaemonClient`` is the same for one daemon (``--daemon ADDR``), with the same TLS
-flags. What it does not do: print (``output.py`` and the commands do).
+flags.
+
+Tracing: both clients set tracing up from the standard ``OTEL_*`` variables (the
+settings' defaults say none, so by default the CLI makes no spans and adds no
+interceptors). With ``OTEL_TRACES_EXPORTER=otlp`` every call is a client span that
+carries its trace context to the server, so an ``apply`` starts the trace that the
+Manager and the daemons continue; leaving ``async with`` exports what is left, waiting
+at most ``TRACE_FLUSH_S``.
+
+What it does not do: print (``output.py`` and the commands do).
 """
 
 from __future__ import annotations
@@ -25,18 +34,21 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
-from reconciler import tls
+from reconciler import __version__, telemetry, tls
 from reconciler.api.agent.v1 import event_pb2
 from reconciler.api.daemon.v1 import daemon_pb2_grpc
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.cli.connection import ManagerConnection, resolve_manager_address
 from reconciler.cli.options import CliError
+from reconciler.config import TelemetrySettings
 from reconciler.convert import timestamp
 from reconciler.manager.fleet import REPLAY_COUNT_KEY
 from reconciler.rpc import channel_options
 
 __all__ = [
+    "CLI_SERVICE_NAME",
     "DEFAULT_TIMEOUT_S",
+    "TRACE_FLUSH_S",
     "DaemonClient",
     "FleetClient",
     "recent_events",
@@ -50,6 +62,27 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S: Final = 10.0
 #: A replay of stored events is over when nothing arrives for this long.
 _REPLAY_IDLE_S: Final = 0.5
+#: ``service.name`` of the CLI's spans.
+CLI_SERVICE_NAME: Final = "reconciler-cli"
+#: At most this long, on exit, to export the CLI's spans (a missing collector must
+#: not hold the command up).
+TRACE_FLUSH_S: Final = 3.0
+
+
+def _open_tracing(env: Mapping[str, str]) -> telemetry.Tracing:
+    """Tracing as the ``OTEL_*`` variables ask (none without them)."""
+    return telemetry.setup_tracing(
+        TelemetrySettings(),
+        service_name=CLI_SERVICE_NAME,
+        version=__version__,
+        environ=env,
+        install_global=False,
+    )
+
+
+async def _close_tracing(tracing: telemetry.Tracing) -> None:
+    if tracing.enabled:
+        await asyncio.to_thread(tracing.shutdown, TRACE_FLUSH_S)
 
 
 def rpc_error_line(error: grpc.aio.AioRpcError, *, address: str, peer: str = "the Manager") -> str:
@@ -77,11 +110,19 @@ class FleetClient:
         self._tls = tls.settings_from_files(
             connection.tls.ca_file, connection.tls.cert_file, connection.tls.key_file
         )
+        self._env = env
+        self._tracing = telemetry.Tracing.disabled()
         self._channel: grpc.aio.Channel | None = None
         self._fleet: fleet_pb2_grpc.FleetServiceAsyncStub | None = None
 
     async def __aenter__(self) -> FleetClient:
-        self._channel = tls.secure_channel(self.address, self._tls, options=channel_options())
+        self._tracing = _open_tracing(self._env)
+        self._channel = tls.secure_channel(
+            self.address,
+            self._tls,
+            options=channel_options(),
+            interceptors=telemetry.client_interceptors(self._tracing),
+        )
         self._fleet = fleet_pb2_grpc.FleetServiceStub(self._channel)
         return self
 
@@ -94,6 +135,7 @@ class FleetClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        await _close_tracing(self._tracing)
 
     @property
     def fleet(self) -> fleet_pb2_grpc.FleetServiceAsyncStub:
@@ -113,17 +155,26 @@ class DaemonClient:
         connection: ManagerConnection,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        env: Mapping[str, str] = os.environ,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._tls = tls.settings_from_files(
             connection.tls.ca_file, connection.tls.cert_file, connection.tls.key_file
         )
+        self._env = env
+        self._tracing = telemetry.Tracing.disabled()
         self._channel: grpc.aio.Channel | None = None
         self._daemon: daemon_pb2_grpc.DaemonServiceAsyncStub | None = None
 
     async def __aenter__(self) -> DaemonClient:
-        self._channel = tls.secure_channel(self.address, self._tls, options=channel_options())
+        self._tracing = _open_tracing(self._env)
+        self._channel = tls.secure_channel(
+            self.address,
+            self._tls,
+            options=channel_options(),
+            interceptors=telemetry.client_interceptors(self._tracing),
+        )
         self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
         return self
 
@@ -136,6 +187,7 @@ class DaemonClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        await _close_tracing(self._tracing)
 
     @property
     def daemon(self) -> daemon_pb2_grpc.DaemonServiceAsyncStub:
