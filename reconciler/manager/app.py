@@ -16,7 +16,8 @@ Metrics (kept modest): RPCs by method and code, push latency and outcomes, nodes
 status, store call latency by operation, plus ``reconciler.telemetry``'s RPC and span
 statistics. Each app has its own registry, so several Managers in one process (tests,
 dev mode) do not collide. Tracing (``telemetry`` settings) puts a span on every RPC
-served and every call to a daemon, carrying the trace context on to the daemon.
+served and every call to a daemon, carrying the trace context on to the daemon, and a
+``push`` span around each node's push (``push.py``).
 
 What it does not do: decide anything; read YAML (``reconciler.config`` did).
 """
@@ -273,6 +274,9 @@ class ManagerApp:
                 version=__version__,
                 counters=self.tracing.counters,
             )
+        tracer = self.tracing.tracer("reconciler.manager")
+        if tracer is not None:
+            self.pusher.tracer = tracer
 
     async def _start_grpc(self) -> None:
         settings = self.settings.grpc

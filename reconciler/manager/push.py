@@ -17,6 +17,12 @@ Failpoint ``manager.mid_push`` (``reconciler.failpoints``) sits after a daemon
 accepted a generation and before its answer is recorded: killed there, the Manager
 has pushed to some nodes and not to others, and knows it of none.
 
+Tracing: each attempt to bring a node up to date is one ``push`` span (``node.id``,
+``generation``, ``push.outcome``, ``push.attempts``), a child of the trace context of
+the newest ``request`` for that node (e.g. the ApplyAgentSet server span), even though
+it runs later in a background task; its SyncAgentStates calls are client spans under
+it, which carry the context on to the daemon.
+
 A push that gives up is not the end: every heartbeat answer carries the node's
 desired generation and a daemon that is behind pulls it (GetDesiredState).
 
@@ -38,6 +44,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -55,6 +64,7 @@ from reconciler.model.errors import ReconcilerError
 from reconciler.rpc import RETRYABLE_CODES, is_retryable
 
 __all__ = [
+    "PUSH_SPAN",
     "ChannelFactory",
     "DaemonChannels",
     "PushOutcome",
@@ -64,6 +74,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Name of the span of one node's push.
+PUSH_SPAN = "push"
 
 
 #: Opens a channel to a daemon: (address, node id) -> channel. The node id lets a TLS
@@ -185,13 +198,18 @@ class Pusher:
         self._observe = observe
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._causes: dict[str, otel_context.Context] = {}
         self._closed = False
+        #: Makes the push spans (the app sets its own when tracing is on).
+        self.tracer: trace.Tracer = trace.NoOpTracer()
 
     def request(self, node_ids: Iterable[str]) -> None:
         """Push each node soon (again after its running push, if one runs)."""
         if self._closed:
             return
+        cause = otel_context.get_current()
         for node_id in node_ids:
+            self._causes[node_id] = cause
             if node_id in self._running:
                 self._again.add(node_id)
                 continue
@@ -221,14 +239,23 @@ class Pusher:
                     return
         finally:
             self._running.pop(node_id, None)
+            self._causes.pop(node_id, None)
 
     async def _push_observed(self, node_id: str) -> None:
         started = time.monotonic()
-        try:
-            result = await self.push(node_id)
-        except Exception as error:  # a bug must not kill the worker silently
-            log.exception("push to node %s failed unexpectedly", node_id)
-            result = PushResult(node_id, PushOutcome.FAILED, message=str(error))
+        with self.tracer.start_as_current_span(
+            PUSH_SPAN,
+            context=self._causes.pop(node_id, None),
+            attributes={"node.id": node_id},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                result = await self.push(node_id)
+            except Exception as error:  # a bug must not kill the worker silently
+                log.exception("push to node %s failed unexpectedly", node_id)
+                result = PushResult(node_id, PushOutcome.FAILED, message=str(error))
+            _describe_span(span, result)
         if self._observe is not None:
             self._observe(result, time.monotonic() - started)
         if result.outcome is PushOutcome.FAILED:
@@ -291,6 +318,14 @@ class Pusher:
         )
         outcome = PushOutcome.UNCHANGED if response.unchanged else PushOutcome.ACCEPTED
         return PushResult(node_id, outcome, desired.generation)
+
+
+def _describe_span(span: trace.Span, result: PushResult) -> None:
+    span.set_attribute("generation", result.generation)
+    span.set_attribute("push.outcome", str(result.outcome))
+    span.set_attribute("push.attempts", result.attempts)
+    if result.outcome is PushOutcome.FAILED:
+        span.set_status(Status(StatusCode.ERROR, result.message))
 
 
 def _with_attempts(result: PushResult, attempts: int) -> PushResult:
