@@ -1,10 +1,12 @@
-"""Traces across processes: real daemon processes exporting over OTLP/gRPC to a
-collector the test runs (``tests/support/otlp_collector.py``)."""
+"""Traces across processes: real Manager, daemon, CLI and agent processes exporting
+over OTLP/gRPC to a collector the test runs (``tests/support/otlp_collector.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from reconciler.api.manager.v1 import manager_pb2
 from reconciler.config import TelemetryExporter, TelemetrySettings
 from reconciler.telemetry import Tracing, client_interceptors, setup_tracing
 from tests.support.daemon import ALLOWED, DaemonProcess, free_port, spec, wait_for
+from tests.support.manager import Fleet, agent_set_yaml
 from tests.support.otlp_collector import CollectedSpan, OtlpCollector
 
 pytestmark = pytest.mark.slow
@@ -46,14 +49,16 @@ def collector() -> Iterator[OtlpCollector]:
         yield running
 
 
-def steady_agent(directory: Path) -> Path:
+def steady_agent(directory: Path, prelude: str = "") -> Path:
     """examples/agents/steady.py as an executable run by this environment's Python
     (the daemon resolves interpreters to their real path, which would lose the
-    virtualenv and agentlet's dependencies)."""
+    virtualenv and agentlet's dependencies), with ``prelude`` run first."""
     source = (ROOT / "examples" / "agents" / "steady.py").read_text()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "steady"
-    path.write_text(f"#!{sys.executable}\nimport sys; sys.path.insert(0, {str(ROOT)!r})\n{source}")
+    path.write_text(
+        f"#!{sys.executable}\nimport sys; sys.path.insert(0, {str(ROOT)!r})\n{prelude}{source}"
+    )
     path.chmod(0o755)
     return path
 
@@ -310,7 +315,124 @@ def test_a_collector_that_is_not_there_does_not_slow_rpcs_and_lost_spans_are_cou
         plain.close()
 
 
-@pytest.mark.skip(reason="needs the Manager app and `reconciler apply` (not built yet)")
-def test_one_apply_is_one_trace_from_the_cli_through_the_manager_to_the_agent() -> None:
-    """CLI ApplyAgentSet span -> Manager push span -> daemon SyncAgentStates server span
-    -> reconcile -> agent.start -> the first-healthy-heartbeat event, in one trace."""
+APPLY = "reconciler.api.fleet.v1.FleetService/ApplyAgentSet"
+FIRST_HEARTBEAT = "agent.first_healthy_heartbeat"
+
+
+def exporting_agent(directory: Path, endpoint: str) -> Path:
+    """``steady_agent`` for an agent that uses OpenTelemetry: it installs an SDK
+    provider that exports each span to ``endpoint`` as it ends."""
+    setup = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.resources import Resource\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter\n"
+        "_provider = TracerProvider(resource=Resource.create({'service.name': 'steady'}))\n"
+        "_provider.add_span_processor(\n"
+        f"    SimpleSpanProcessor(OTLPSpanExporter(endpoint={endpoint!r}, insecure=True))\n"
+        ")\n"
+        "trace.set_tracer_provider(_provider)\n"
+    )
+    return steady_agent(directory, prelude=setup)
+
+
+def _apply_trace(spans: list[CollectedSpan]) -> list[CollectedSpan] | None:
+    """The trace of the CLI's ApplyAgentSet span once it holds every part."""
+    clients = [s for s in spans if s.name == APPLY and s.service == "reconciler-cli"]
+    if not clients:
+        return None
+    trace = [s for s in spans if s.trace_id == clients[0].trace_id]
+    names = {s.name for s in trace}
+    wanted = {APPLY, "push", SYNC, "reconcile", "agent.start", "agentlet.first_heartbeat"}
+    healthy = any(FIRST_HEARTBEAT in s.events for s in trace)
+    return trace if healthy and wanted <= names else None
+
+
+def _one(trace: list[CollectedSpan], name: str, service: str, kind: int = 0) -> CollectedSpan:
+    found = [s for s in trace if s.name == name and s.service == service]
+    found = [s for s in found if not kind or s.kind == kind]
+    assert len(found) == 1, f"{name} in {service}: {found}"
+    return found[0]
+
+
+SERVER, CLIENT = 2, 3  # SpanKind in OTLP
+
+
+def test_one_apply_is_one_trace_from_the_cli_through_the_manager_to_the_agent(
+    tmp_path: Path, collector: OtlpCollector
+) -> None:
+    """CLI ApplyAgentSet span -> Manager server span -> push span -> SyncAgentStates
+    (Manager client, daemon server) -> reconcile -> agent.start -> the agent's
+    first-heartbeat span and the daemon's first-healthy-heartbeat event, one trace."""
+    telemetry = {"exporter": "otlp", "otlp_endpoint": collector.endpoint}
+    fleet = Fleet(tmp_path)
+    try:
+        manager = fleet.manager(settings={"telemetry": telemetry})
+        bin_dir = tmp_path / "bin"
+        agent = exporting_agent(bin_dir, collector.endpoint)
+        daemon = fleet.daemon(
+            "node",
+            manager_address=manager.address,
+            # Slow heartbeats: the change must reach the daemon by the push, not a pull.
+            link={"heartbeat_interval_s": 10.0, "report_interval_s": 10.0},
+            telemetry=telemetry,
+            agents={"allowed_commands": [*ALLOWED, f"{bin_dir}/*"]},
+        )
+        manager.wait_ready_nodes({daemon.node_id})
+        document = tmp_path / "steady.yaml"
+        document.write_text(
+            agent_set_yaml(
+                "traced",
+                agents=[
+                    {
+                        "id": "steady",
+                        "command": [str(agent)],
+                        "heartbeat": {"intervalSeconds": 0.5, "timeoutSeconds": 5},
+                    }
+                ],
+                node_ids=[daemon.node_id],
+            )
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "OTEL_"))}
+        env |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint}
+        argv = ["apply", "-f", str(document), "--manager", manager.address]
+        applied = subprocess.run(
+            [sys.executable, "-m", "reconciler", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert applied.returncode == 0, applied.stderr
+
+        trace = collector.wait_for(_apply_trace, timeout_s=60, what="the whole trace of the apply")
+    finally:
+        fleet.close()
+
+    cli_span = _one(trace, APPLY, "reconciler-cli", CLIENT)
+    served = _one(trace, APPLY, "reconciler-manager", SERVER)
+    push = _one(trace, "push", "reconciler-manager")
+    sync_out = _one(trace, SYNC, "reconciler-manager", CLIENT)
+    sync_in = _one(trace, SYNC, "reconciler-daemon", SERVER)
+    start = _one(trace, "agent.start", "reconciler-daemon")
+    first = _one(trace, "agentlet.first_heartbeat", "steady")
+    [healthy] = [s for s in trace if FIRST_HEARTBEAT in s.events]
+    assert cli_span.is_root
+    chain = [cli_span, served, push, sync_out, sync_in]
+    for parent, child in itertools.pairwise(chain):
+        assert child.parent_span_id == parent.span_id, f"{child.name} under {parent.name}"
+    by_id = {s.span_id: s for s in trace}
+    pass_of_start = by_id[start.parent_span_id]
+    assert pass_of_start.name == "reconcile"
+    assert pass_of_start.parent_span_id == sync_in.span_id
+    assert healthy.name == "reconcile"
+    assert healthy.parent_span_id == start.span_id
+    assert first.parent_span_id == start.span_id
+    assert push.attributes["node.id"] == daemon.node_id
+    assert push.attributes["generation"] >= 1
+    assert start.attributes["agent.id"] == "steady"
+    assert first.attributes["agent.id"] == "steady"
+    assert sync_in.resource["reconciler.node.id"] == daemon.node_id
+    assert {s.trace_id for s in trace} == {cli_span.trace_id}
