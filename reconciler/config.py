@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import ipaddress
 import math
 import os
@@ -525,21 +526,47 @@ def _parse_yaml(text: str, *, origin: str, file: str | None) -> Any:
 
 
 def _read_bounded(path: str) -> bytes:
-    """The file's bytes; refuses non-regular files and files over MAX_FILE_BYTES."""
+    """The file's bytes; refuses symbolic links, non-regular files, files others may
+    write, and files over MAX_FILE_BYTES."""
     too_large = f"larger than {MAX_FILE_BYTES} bytes (1 MiB), the limit for settings files"
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError("not a regular file", origin=path, file=path)
+        # No following a link, and no blocking on a FIFO: the checks below see the file.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(_open_problem(path, exc), origin=path, file=path) from None
+    try:
+        info = os.fstat(fd)
+        problem = _unsafe_file_problem(info, path)
+        if problem is not None:
+            raise ConfigError(problem, origin=path, file=path)
         if info.st_size > MAX_FILE_BYTES:
             raise ConfigError(too_large, origin=path, file=path)
-        with open(path, "rb") as handle:
+        with open(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", origin=path, file=path) from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(too_large, origin=path, file=path)
     return data
+
+
+def _open_problem(path: str, error: OSError) -> str:
+    if error.errno == errno.ELOOP and os.path.islink(path):
+        return "is a symbolic link; refusing to follow it (give the path of the file itself)"
+    return f"cannot read: {error.strerror}"
+
+
+def _unsafe_file_problem(info: os.stat_result, path: str) -> str | None:
+    """Why a settings file must not be used, or None: anyone who may write it could
+    choose what the process runs and whom it trusts."""
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(info.st_mode)
+        return f"is writable by group or others (mode {mode:04o}); run chmod go-w {path}"
+    return None
 
 
 def read_settings_file(path: str | os.PathLike[str]) -> dict[str, Any]:
