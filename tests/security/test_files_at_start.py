@@ -99,3 +99,34 @@ def test_a_private_config_file_is_accepted(tmp_path: Path, role: str) -> None:
         check=False,
     )
     assert finished.returncode == 0, finished.stderr
+
+
+def open_state(root: Path) -> str:
+    (root / "state").mkdir(mode=0o700)
+    (root / "state").chmod(0o777)
+    return "is writable by group or others (mode 0777)"
+
+
+def linked_state(root: Path) -> str:
+    (root / "elsewhere").mkdir(mode=0o700)
+    (root / "state").symlink_to(root / "elsewhere")
+    return "is a symlink"
+
+
+UNSAFE_STATE_DIRS = [
+    pytest.param(open_state, id="world-writable"),
+    pytest.param(linked_state, id="symlinked"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("make_unsafe", UNSAFE_STATE_DIRS)
+def test_an_unsafe_state_directory_is_refused_at_start(
+    tmp_path: Path, role: str, make_unsafe: Callable[[Path], str]
+) -> None:
+    problem = make_unsafe(tmp_path)
+    finished = start(role, write_config(role, tmp_path))
+    assert finished.returncode != 0
+    assert f"state directory {tmp_path / 'state'} {problem}" in finished.stderr
+    assert not any(tmp_path.glob("elsewhere/*")), "wrote through the symlink"

@@ -16,7 +16,8 @@ push already reached a daemon, so that one commit waits for the disk. Its WAL sy
 covers every earlier commit.
 
 The file (and its ``-wal`` and ``-shm`` companions, which SQLite creates with the same
-mode) is 0600 in a 0700 directory created when missing; a symlink is refused.
+mode) is 0600 in a 0700 directory created when missing; a symlink is refused, and so
+is a directory that is a symlink or writable by group or others (``UnsafeStateDir``).
 
 What it does not do: share one connection between threads, or retry: a caller that
 gets ``Unavailable`` retries with its own backoff.
@@ -28,6 +29,7 @@ import asyncio
 import dataclasses
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,9 +55,9 @@ from reconciler.manager.store.common import (
     check_observed,
     check_revision,
 )
-from reconciler.model.errors import Unavailable
+from reconciler.model.errors import PermanentError, Unavailable
 
-__all__ = ["MIGRATIONS", "SqliteStore"]
+__all__ = ["MIGRATIONS", "SqliteStore", "UnsafeStateDir"]
 
 T = TypeVar("T")
 
@@ -284,9 +286,26 @@ class SqliteStore:
 # ------------------------------------------------------------------ in the worker thread
 
 
+class UnsafeStateDir(PermanentError):
+    """The database's directory is a symlink or writable by group or others."""
+
+
+def _check_directory(directory: Path) -> None:
+    """Refuse a directory in which someone else could swap or plant the database."""
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeStateDir(f"state directory {directory} is a symlink; use the real path")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeStateDir(
+            f"state directory {directory} is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 0700 {directory}"
+        )
+
+
 def _connect(path: Path, *, busy_timeout_s: float) -> sqlite3.Connection:
     """Create the directory (0700) and file (0600) when missing, then connect."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_directory(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
