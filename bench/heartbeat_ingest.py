@@ -4,10 +4,11 @@ What: starts a client process that opens ``connections`` Unix-socket connections
 agent id each) and streams ``lines_per_connection`` heartbeat lines on each as fast as
 the server takes them; the server side runs twice in this process on one event loop:
 
-- ``bare``: an ``asyncio.Protocol`` that only splits lines and ``msgspec.json.decode``s
-  them (the DESIGN's "Protocol + orjson-like decoder" ceiling);
+- ``bare``: an ``asyncio.Protocol`` that only splits lines and decodes them with
+  ``orjson.loads`` (the ceiling DESIGN section 9 and the heartbeat issue name);
 - ``receiver``: ``UnixHeartbeatReceiver`` with full validation, SO_PEERCRED process-tree
-  checks against a directory, counting, and a sink.
+  checks against a directory, counting, and a sink that updates per-agent state the
+  way the daemon's controller does (it keeps the latest heartbeat of each agent).
 
 ``run()`` returns lines/s of each and their ratio (the goal is a ratio >= 0.25).
 Run it as ``python -m bench.heartbeat_ingest [--connections N] [--lines N]``.
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
+import orjson
 
 from reconciler.daemon.heartbeat import (
     AgentIdentity,
@@ -108,17 +109,21 @@ class _BareProtocol(asyncio.Protocol):
         buffer = self._buffer + data
         lines = buffer.split(b"\n")
         self._buffer = lines.pop()
-        decode = msgspec.json.decode
+        decode = orjson.loads
         for line in lines:
             decode(line)
         self._counter.add(len(lines))
 
 
 class _CountingSink:
+    """Keeps each agent's latest heartbeat, as ``Controller.record`` does, and counts."""
+
     def __init__(self, counter: _Counter) -> None:
         self._counter = counter
+        self.latest: dict[str, tuple[Heartbeat, float]] = {}
 
     def record(self, heartbeat: Heartbeat, *, received_at_s: float, transport: str) -> None:
+        self.latest[heartbeat.agent_id] = (heartbeat, received_at_s)
         self._counter.add(1)
 
 
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         client(args.client, args.connections, args.lines)
         return
     result = run(connections=args.connections, lines=args.lines, rounds=args.rounds)
-    print(f"bare Protocol + msgspec : {result['bare_lines_per_s']:>10,.0f} lines/s")
+    print(f"bare Protocol + orjson  : {result['bare_lines_per_s']:>10,.0f} lines/s")
     print(f"UnixHeartbeatReceiver   : {result['receiver_lines_per_s']:>10,.0f} lines/s")
     print(f"ratio                   : {result['ratio']:.2f}")
 

@@ -164,7 +164,7 @@ def _ingest_figure(size: Sizes) -> tuple[Figure, dict[str, str]]:
         connections=size.ingest_connections, lines=size.ingest_lines, rounds=size.ingest_rounds
     )
     figure = Figure(
-        f"Unix-socket lines/s, {size.ingest_connections} connections (vs bare Protocol + msgspec)",
+        f"Unix-socket lines/s, {size.ingest_connections} connections (vs bare Protocol + orjson)",
         "lines/s",
         result["receiver_lines_per_s"],
         result["bare_lines_per_s"],
