@@ -711,6 +711,8 @@ class Controller:
         spec = action.spec
         agent_id = spec.id
         token = self._tokens.setdefault(agent_id, secrets.token_urlsafe(24))
+        if record.last_exit is not None:
+            await self._stop_leftovers(agent_id)
         with tracer.start_as_current_span("agent.start", attributes={"agent.id": agent_id}):
             self._start_causes[agent_id] = otel_context.get_current()
             env = self._spawn_env(spec, token)
@@ -752,6 +754,41 @@ class Controller:
         )
         if spec.heartbeat is not None:
             self._queue.add_after(agent_id, spec.heartbeat.timeout_s)
+
+    async def _stop_leftovers(self, agent_id: AgentId) -> None:
+        """Stop what an earlier instance of ``agent_id`` left running, before starting anew.
+
+        An agent that forks and exits leaves its children behind: in its old session,
+        in sessions of their own, and (after a daemon restart) parented by init, where
+        no stop of a later instance looks. They still carry the node's and the agent's
+        ids in their environment, so they are found in /proc and stopped here, and a new
+        instance never runs beside its predecessor's remains. The scan runs on the loop,
+        as the supervisor's stop does (a few milliseconds, and only when an agent starts
+        again after an exit), so a restart is not put behind the thread pool.
+        """
+        live = {handle.pid for handle in self._handles.values()}
+        found = self._scan(self.node_id)
+        leftovers = []
+        for process in found:
+            if process.agent_id != agent_id or process.pid in live:
+                continue
+            handle = self._supervisor.adopt(
+                agent_id, pid=process.pid, start_ticks=process.start_ticks, cmdline=process.cmdline
+            )
+            if handle is not None:
+                leftovers.append(handle)
+        if not leftovers:
+            return
+        log.info(
+            "stopping %d processes an earlier instance left behind",
+            len(leftovers),
+            extra={"agent_id": agent_id},
+        )
+        grace_s = self._stray_grace(agent_id)
+        await asyncio.gather(
+            *(self._supervisor.stop(h, grace_s=grace_s) for h in leftovers),
+            return_exceptions=True,
+        )
 
     def _spawn_env(self, spec: AgentSpec, token: str) -> dict[str, str]:
         env = dict(self._agent_env)

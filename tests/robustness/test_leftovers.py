@@ -1,0 +1,51 @@
+"""An agent that forks and exits: its restart does not run beside its children.
+
+A real daemon runs ``agents/forking.py``; on SIGUSR1 it forks one child in its session
+and one in a session of its own, then exits 3. The daemon restarts it, and before the
+new instance starts, both children of the old one are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.robustness import procs
+from tests.support.daemon import ALLOWED, DaemonProcess, spec, wait_for
+
+pytestmark = pytest.mark.slow
+
+FORKING = Path(__file__).resolve().parent / "agents" / "forking.py"
+PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(
+        tmp_path / "daemon", settings={"agents": {"allowed_commands": [*ALLOWED, *PYTHON_DIRS]}}
+    )
+    process.start()
+    yield process
+    process.close()
+
+
+def test_an_agent_restarted_after_it_forked_and_exited_runs_without_its_predecessors_children(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, [spec("forker", (sys.executable, str(FORKING)), grace=1.0)])
+    first = wait_for(lambda: daemon.running().get("forker"), what="the agent running")
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    wait_for(lambda: procs.signals_caught(first) & usr1, what="the agent's SIGUSR1 handler")
+    os.kill(first, signal.SIGUSR1)
+    second = wait_for(
+        lambda: daemon.running().get("forker") not in (None, first) and daemon.running()["forker"],
+        what="the agent restarted",
+    )
+    assert daemon.agents()["forker"].last_exit.exit_code == 3, "it forked, then exited"
+    remaining = sorted(p.pid for p in procs.node_processes(daemon.node_id))
+    assert remaining == [second], f"left behind: {sorted(set(remaining) - {second})}"
