@@ -3,13 +3,14 @@
 - ``ERROR_CODES`` is the one table that maps the model's errors to gRPC status codes;
   ``ErrorInterceptor`` applies it to every RPC, so servicers raise model errors and
   never build statuses themselves. An unexpected exception becomes INTERNAL with a
-  message, is logged once, and the server keeps serving.
+  message, is logged once, and the server keeps serving. A request that cannot be
+  decoded (nested too deep, malformed) is answered INVALID_ARGUMENT, not UNKNOWN.
 - ``is_retryable`` says which failures are worth retrying (UNAVAILABLE,
   DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED): the daemon's Manager link and the Manager's
   pushes both retry by it.
 - ``server_options`` / ``channel_options`` bound message sizes and set keepalive so a
   dead peer is noticed within a minute, with the server's enforcement policy matching
-  what clients send.
+  what clients send; clients redial a peer that comes back within seconds.
 - ``add_standard_services`` serves ``grpc.health.v1`` and server reflection.
 
 Tracing and metrics interceptors are added by ``reconciler.telemetry``.
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -83,6 +85,11 @@ def is_retryable(error: BaseException) -> bool:
 #: answer, so a dead connection is noticed within 30 s; servers allow pings that often.
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+#: Cap of a channel's reconnect backoff. gRPC's own cap is 120 s: after a minute of
+#: refused connects a channel waits ~40 s before it dials again, and every call made
+#: meanwhile fails at once, so a daemon would find a restarted Manager (or the Manager
+#: a restarted daemon) only that late. 5 s keeps the return within seconds.
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -118,6 +125,7 @@ def channel_options(*, max_message_bytes: int = 4 * 1024 * 1024) -> list[Any]:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.enable_retries", 0),
     ]
 
@@ -153,6 +161,35 @@ Handler = Callable[[Any, Context], Awaitable[Any]]
 StreamHandler = Callable[[Any, Context], AsyncIterator[Any]]
 
 
+class _Undecodable:
+    """Stands in for a request the deserializer refused; the behaviour answers it."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, returning ``_Undecodable`` instead of raising: gRPC would answer
+    an exception there with UNKNOWN and the library's message."""
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error)[:200])
+
+    return tolerant
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"cannot be decoded: {request.problem}")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Answers model errors with their mapped status; unexpected ones with INTERNAL."""
 
@@ -173,13 +210,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -187,6 +224,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, method: str, behaviour: Handler) -> Handler:
         async def call(request: Any, context: Context) -> Any:
             try:
+                _check_decoded(request)
                 return await behaviour(request, context)
             except ReconcilerError as error:
                 await self._abort(method, context, error)
@@ -203,6 +241,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, method: str, behaviour: StreamHandler) -> StreamHandler:
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
+                _check_decoded(request)
                 async for item in behaviour(request, context):
                     yield item
             except ReconcilerError as error:
