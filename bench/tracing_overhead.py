@@ -11,10 +11,6 @@ them alike, and the median round counts:
   (what a process runs with the default ``telemetry.exporter: none``);
 - ``lean``: the same with tracing on, batch export over OTLP/gRPC to a collector in
   another process (``tests/support/otlp_collector.py``);
-- ``sdk_span``: the same as ``lean`` but each RPC span an OpenTelemetry SDK span
-  (``tracer.start_span``, the propagator, the SDK's OTLP encoder): how
-  ``reconciler.telemetry`` made RPC spans before its lean path, kept as the
-  before-and-after comparison;
 - ``contrib``: opentelemetry-instrumentation-grpc's aio interceptors, same provider.
 
 ``run()`` returns RPC/s and p99 of each and the throughput ratios to ``off``; the goal
@@ -38,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.grpc import filters as otel_filters
 
@@ -153,55 +147,13 @@ def _collector_count(proc: subprocess.Popen[str]) -> int:
     return int(proc.stdout.readline().split()[1])
 
 
-class _SdkSpanInterceptor(grpc.aio.ServerInterceptor):
-    """One SDK span per unary RPC, parent from the propagator: the path RPC spans
-    took before ``reconciler.telemetry`` made them lean."""
-
-    def __init__(self, tracer: trace.Tracer) -> None:
-        self._tracer = tracer
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        service, _, method = details.method.lstrip("/").partition("/")
-        name = f"{service}/{method}"
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        behaviour = handler.unary_unary
-        tracer = self._tracer
-
-        async def call(request: Any, context: Any) -> Any:
-            carrier = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-            parent = propagate.extract(carrier)
-            span = tracer.start_span(
-                name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
-            )
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-            try:
-                return await behaviour(request, context)
-            finally:
-                otel_context.detach(token)
-                span.set_attribute("rpc.grpc.status_code", 0)
-                span.end()
-
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
 def _variants(tracing: Tracing) -> dict[str, Callable[[], list[Any]]]:
     off = Tracing.disabled()
     no_health = otel_filters.negate(otel_filters.health_check())
-    sdk_tracer = tracing.tracer("bench.sdk_span")
-    assert sdk_tracer is not None
     return {
         "off": lambda: [],
         "metrics": lambda: server_interceptors(off, RpcStats(Side.SERVER)),
         "lean": lambda: server_interceptors(tracing, RpcStats(Side.SERVER)),
-        "sdk_span": lambda: [
-            *server_interceptors(off, RpcStats(Side.SERVER)),
-            _SdkSpanInterceptor(sdk_tracer),
-        ],
         "contrib": lambda: [
             aio_server_interceptor(tracer_provider=tracing.provider, filter_=no_health)
         ],

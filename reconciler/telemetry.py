@@ -33,7 +33,6 @@ import collections
 import enum
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -43,14 +42,12 @@ from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import web
-from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -199,8 +196,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         counters: SpanCounters | None = None,
     ) -> None:
         self._exporter = exporter
-        self._queue: collections.deque[Any] = collections.deque(maxlen=max_queue)
-        self._compact = bool(getattr(exporter, "accepts_rpc_spans", False))
+        self._queue: collections.deque[ReadableSpan] = collections.deque(maxlen=max_queue)
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._delay_s = delay_s
@@ -216,13 +212,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context or not span.context.trace_flags.sampled:
-            return
-        self.enqueue(span)
-
-    def enqueue(self, span: Any) -> None:
-        """Queue an ended, sampled span (an SDK span or an RPC span)."""
-        if self._closed:
+        if self._closed or not span.context or not span.context.trace_flags.sampled:
             return
         if len(self._queue) >= self._max_queue:
             self.counters.dropped_queue_full += 1
@@ -251,12 +241,12 @@ class BoundedBatchSpanProcessor(SpanProcessor):
                 self._busy = False
                 self._idle.notify_all()
 
-    def _export(self, batch: list[Any]) -> None:
+    def _export(self, batch: list[ReadableSpan]) -> None:
         token = otel_context.attach(
             otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True)
         )
         try:
-            result = self._exporter.export(batch if self._compact else _readable(batch))
+            result = self._exporter.export(batch)
         except Exception:
             log.debug("span export raised", exc_info=True)
             result = SpanExportResult.FAILURE
@@ -320,23 +310,6 @@ class Tracing:
     def tracer(self, name: str) -> trace.Tracer | None:
         """A tracer of this provider, or None when tracing is off."""
         return self.provider.get_tracer(name) if self.provider is not None else None
-
-    def _rpc_tracer(self) -> _RpcTracer | None:
-        """What the interceptors start RPC spans with (None when tracing is off).
-        Spans go to this handle's processor, or, for a provider set up elsewhere,
-        to the provider's processors as SDK spans."""
-        provider = self.provider
-        if provider is None:
-            return None
-        if self._processor is not None:
-            sink: Callable[[_RpcSpan], None] = self._processor.enqueue
-        else:
-            processors: Any = provider._active_span_processor
-
-            def sink(span: _RpcSpan) -> None:
-                processors.on_end(span.to_readable())
-
-        return _RpcTracer(provider, sink=sink, environ=os.environ)
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         """Export every ended span now (tests and benchmarks)."""
@@ -402,40 +375,9 @@ def setup_tracing(
 def _exporter(plan: ExportPlan) -> SpanExporter:
     if plan.exporter is TelemetryExporter.CONSOLE:
         return ConsoleSpanExporter(service_name=None)
-    return _compact_otlp_exporter_class()(endpoint=plan.endpoint, insecure=plan.insecure, timeout=5)
-
-
-_COMPACT_EXPORTER: list[Callable[..., SpanExporter]] = []
-
-
-def _compact_otlp_exporter_class() -> Callable[..., SpanExporter]:
-    """The OTLP/gRPC exporter (its channel, TLS, headers, compression and retries)
-    with RPC spans written by ``_RpcSpan.encode``; imported on first use, since the
-    exporter pulls in the OTLP protobuf modules."""
-    if _COMPACT_EXPORTER:
-        return _COMPACT_EXPORTER[0]
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
 
-    class CompactOtlpSpanExporter(OTLPSpanExporter):
-        accepts_rpc_spans = True
-
-        def _translate_data(self, data: Sequence[Any]) -> ExportTraceServiceRequest:
-            sdk_spans = [span for span in data if not isinstance(span, _RpcSpan)]
-            request = super()._translate_data(sdk_spans) if sdk_spans else None
-            request = request if request is not None else ExportTraceServiceRequest()
-            by_origin: dict[_RpcOrigin, list[bytes]] = {}
-            for span in data:
-                if isinstance(span, _RpcSpan):
-                    by_origin.setdefault(span._origin, []).append(span.encode())
-            for origin, encoded in by_origin.items():
-                request.MergeFromString(origin.resource_spans(encoded))
-            return request
-
-    _COMPACT_EXPORTER.append(CompactOtlpSpanExporter)
-    return CompactOtlpSpanExporter
+    return OTLPSpanExporter(endpoint=plan.endpoint, insecure=plan.insecure, timeout=5)
 
 
 def _install_global(provider: TracerProvider) -> bool:
@@ -555,25 +497,17 @@ class _Method:
     span_name: str
     attributes: Mapping[str, Any]
     traced: bool
-    otlp_name: bytes
-    """Span.name, encoded."""
-    otlp_attributes: bytes
-    """Span.attributes rpc.system, rpc.service and rpc.method, encoded."""
 
 
 def _describe(full_method: str | bytes) -> _Method:
-    text = full_method.decode(errors="replace") if isinstance(full_method, bytes) else full_method
+    text = full_method.decode() if isinstance(full_method, bytes) else full_method
     service, _, method = text.lstrip("/").partition("/")
-    span_name = f"{service}/{method}"
-    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     return _Method(
         service=service,
         method=method,
-        span_name=span_name,
-        attributes=attributes,
+        span_name=f"{service}/{method}",
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         traced=service not in UNTRACED_SERVICES,
-        otlp_name=_field(5, span_name.encode()),
-        otlp_attributes=b"".join(_string_attribute(k, v) for k, v in attributes.items()),
     )
 
 
@@ -602,7 +536,7 @@ def _end_span(span: trace.Span, code: grpc.StatusCode, *, server: bool, details:
 class _ServerInterceptor(grpc.aio.ServerInterceptor):
     """One span and one count per RPC, around everything else on the server."""
 
-    def __init__(self, *, tracer: _RpcTracer | None, stats: RpcStats | None) -> None:
+    def __init__(self, *, tracer: trace.Tracer | None, stats: RpcStats | None) -> None:
         self._tracer = tracer
         self._stats = stats
         self._methods = _Methods()
@@ -635,8 +569,14 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
     def _start(self, described: _Method, context: Any) -> tuple[trace.Span | None, object]:
         if self._tracer is None or not described.traced:
             return None, None
-        span, span_context = self._tracer.start_server(described, context.invocation_metadata())
-        return span, otel_context.attach(span_context)
+        parent = _extract(context.invocation_metadata())
+        span = self._tracer.start_span(
+            described.span_name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=described.attributes,
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
     def _finish(
         self,
@@ -707,7 +647,7 @@ def _extract(metadata: Sequence[Any] | None) -> otel_context.Context | None:
 
 
 class _ClientBase:
-    def __init__(self, *, tracer: _RpcTracer | None, stats: RpcStats | None) -> None:
+    def __init__(self, *, tracer: trace.Tracer | None, stats: RpcStats | None) -> None:
         self._tracer = tracer
         self._stats = stats
         self._methods = _Methods()
@@ -718,8 +658,11 @@ class _ClientBase:
         described = self._methods(details.method)
         if self._tracer is None or not described.traced:
             return described, None, details
+        span = self._tracer.start_span(
+            described.span_name, kind=SpanKind.CLIENT, attributes=described.attributes
+        )
         metadata = grpc.aio.Metadata(*tuple(details.metadata or ()))
-        span = self._tracer.start_client(described, metadata)
+        propagate.inject(metadata, context=trace.set_span_in_context(span), setter=_SETTER)
         new_details = grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
@@ -801,7 +744,7 @@ class _UnaryStreamClient(_ClientBase, grpc.aio.UnaryStreamClientInterceptor):
 def server_interceptors(tracing: Tracing, stats: RpcStats | None = None) -> list[Any]:
     """The interceptors every grpc.aio server adds first: spans (when tracing is on)
     and RPC metrics (when ``stats`` is given)."""
-    tracer = tracing._rpc_tracer()
+    tracer = tracing.tracer("reconciler.rpc")
     if tracer is None and stats is None:
         return []
     return [_ServerInterceptor(tracer=tracer, stats=stats)]
@@ -810,396 +753,13 @@ def server_interceptors(tracing: Tracing, stats: RpcStats | None = None) -> list
 def client_interceptors(tracing: Tracing, stats: RpcStats | None = None) -> list[Any]:
     """The interceptors every grpc.aio channel is created with: client spans that carry
     the trace context to the server (when tracing is on) and RPC metrics."""
-    tracer = tracing._rpc_tracer()
+    tracer = tracing.tracer("reconciler.rpc")
     if tracer is None and stats is None:
         return []
     return [
         _UnaryUnaryClient(tracer=tracer, stats=stats),
         _UnaryStreamClient(tracer=tracer, stats=stats),
     ]
-
-
-# ------------------------------------------------------------------------ RPC spans
-#
-# One span per RPC is the hottest tracing path a process has, so RPC spans skip the
-# SDK's Span (a lock, bounded attribute containers and several validations per span,
-# about 40 us here) and its OTLP encoder (about 60 us per span, on the GIL): an
-# ``_RpcSpan`` keeps the ids, times, status code and any attributes a handler adds,
-# and the OTLP exporter writes it in protobuf wire format from bytes prepared once
-# per method. Spans made with a tracer (reconcile, push, ...) stay SDK spans; both
-# kinds go through the same queue and the same OTLP request.
-
-_KIND_SERVER: Final = b"\x30\x02"  # Span.kind = SPAN_KIND_SERVER
-_KIND_CLIENT: Final = b"\x30\x03"  # Span.kind = SPAN_KIND_CLIENT
-_TRACEPARENT: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_SAMPLED: Final = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-_NOT_SAMPLED: Final = trace.TraceFlags(trace.TraceFlags.DEFAULT)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _string_attribute(key: str, value: str) -> bytes:
-    """Span.attributes entry (KeyValue with AnyValue.string_value), as field 9."""
-    return _field(9, _field(1, key.encode()) + _field(2, _field(1, value.encode())))
-
-
-#: Span.attributes entry ``rpc.grpc.status_code`` for each gRPC code (AnyValue.int_value).
-_CODE_ATTRIBUTES: Final = tuple(
-    _field(9, _field(1, b"rpc.grpc.status_code") + _field(2, b"\x18" + _varint(code)))
-    for code in range(17)
-)
-
-
-def _any_value(value: Any) -> Any:
-    from opentelemetry.proto.common.v1 import common_pb2
-
-    if isinstance(value, bool):
-        return common_pb2.AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.AnyValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.AnyValue(double_value=value)
-    if isinstance(value, str):
-        return common_pb2.AnyValue(string_value=value)
-    if isinstance(value, (list, tuple)):
-        values = [_any_value(item) for item in value]
-        return common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=values))
-    return common_pb2.AnyValue(string_value=str(value))
-
-
-def _key_values(attributes: Mapping[str, Any]) -> list[Any]:
-    from opentelemetry.proto.common.v1 import common_pb2
-
-    return [common_pb2.KeyValue(key=k, value=_any_value(v)) for k, v in attributes.items()]
-
-
-class _RpcOrigin:
-    """What every RPC span of one process shares: resource and scope, as SDK objects
-    and as the encoded prefix of an OTLP ResourceSpans."""
-
-    SCOPE: Final = "reconciler.rpc"
-
-    def __init__(self, resource: Resource) -> None:
-        from opentelemetry.proto.common.v1 import common_pb2
-        from opentelemetry.proto.resource.v1 import resource_pb2
-
-        self.resource = resource
-        self.scope = InstrumentationScope(self.SCOPE)
-        encoded = resource_pb2.Resource(attributes=_key_values(resource.attributes))
-        self.resource_field = _field(1, encoded.SerializeToString())
-        self.scope_field = _field(
-            1, common_pb2.InstrumentationScope(name=self.SCOPE).SerializeToString()
-        )
-
-    def resource_spans(self, spans: Sequence[bytes]) -> bytes:
-        """One ExportTraceServiceRequest.resource_spans entry holding ``spans``."""
-        scope_spans = self.scope_field + b"".join(_field(2, span) for span in spans)
-        return _field(1, self.resource_field + _field(2, scope_spans))
-
-
-class _RpcSpan(trace.Span):
-    """A recording span of one RPC: enough of the Span API for handlers (attributes,
-    events, status, exceptions), ended once, then queued for export as is."""
-
-    def __init__(
-        self,
-        described: _Method,
-        context: trace.SpanContext,
-        parent: trace.SpanContext | None,
-        *,
-        server: bool,
-        origin: _RpcOrigin,
-        sink: Callable[[_RpcSpan], None],
-    ) -> None:
-        self._described = described
-        self._context = context
-        self._parent = parent
-        self._server = server
-        self._origin = origin
-        self._sink = sink
-        self._start_ns = time.time_ns()
-        self._end_ns = 0
-        self._code = 0
-        self._error: str | None = None
-        self._name: str | None = None
-        self._extra: dict[str, Any] | None = None
-        self._events: list[tuple[str, Mapping[str, Any], int]] | None = None
-
-    def get_span_context(self) -> trace.SpanContext:
-        return self._context
-
-    def is_recording(self) -> bool:
-        return not self._end_ns
-
-    def end(self, end_time: int | None = None) -> None:
-        if self._end_ns:
-            return
-        self._end_ns = end_time or time.time_ns()
-        self._sink(self)
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        if self._end_ns:
-            return
-        if key == "rpc.grpc.status_code" and isinstance(value, int) and 0 <= value <= 16:
-            self._code = value
-            return
-        if self._extra is None:
-            self._extra = {}
-        self._extra[key] = value
-
-    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        for key, value in attributes.items():
-            self.set_attribute(key, value)
-
-    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
-        if self._end_ns:
-            return
-        if self._events is None:
-            self._events = []
-        self._events.append((name, dict(attributes or {}), timestamp or time.time_ns()))
-
-    def update_name(self, name: str) -> None:
-        self._name = name
-
-    def set_status(self, status: Any, description: str | None = None) -> None:
-        code = status.status_code if isinstance(status, Status) else status
-        if code is StatusCode.ERROR:
-            self._error = (status.description if isinstance(status, Status) else None) or (
-                description or ""
-            )
-        elif code is StatusCode.OK:
-            self._error = None
-
-    def record_exception(
-        self,
-        exception: BaseException,
-        attributes: Any = None,
-        timestamp: int | None = None,
-        escaped: bool = False,
-    ) -> None:
-        self.add_event(
-            "exception",
-            {
-                "exception.type": type(exception).__qualname__,
-                "exception.message": str(exception),
-                "exception.escaped": escaped,
-                **dict(attributes or {}),
-            },
-            timestamp,
-        )
-
-    @property
-    def name(self) -> str:
-        return self._name or self._described.span_name
-
-    def attributes(self) -> dict[str, Any]:
-        """Every attribute, as the SDK would hold them."""
-        return {
-            **self._described.attributes,
-            "rpc.grpc.status_code": self._code,
-            **(self._extra or {}),
-        }
-
-    def encode(self) -> bytes:
-        """This span as an OTLP ``Span`` message (protobuf wire format)."""
-        context = self._context
-        parent = self._parent
-        parts = [
-            b"\x0a\x10",
-            context.trace_id.to_bytes(16, "big"),
-            b"\x12\x08",
-            context.span_id.to_bytes(8, "big"),
-        ]
-        if context.trace_state:
-            parts.append(_field(3, context.trace_state.to_header().encode()))
-        if parent is not None:
-            parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-        parts += (
-            _field(5, self._name.encode()) if self._name else self._described.otlp_name,
-            _KIND_SERVER if self._server else _KIND_CLIENT,
-            b"\x39",
-            self._start_ns.to_bytes(8, "little"),
-            b"\x41",
-            self._end_ns.to_bytes(8, "little"),
-            self._described.otlp_attributes,
-            _CODE_ATTRIBUTES[self._code],
-            b"\x7a\x00",  # Span.status, empty: UNSET (as the SDK writes it)
-        )
-        if self._extra or self._events or self._error is not None:
-            parts.append(self._encode_rare())
-        flags = 0x100 | (0x200 if parent is not None and parent.is_remote else 0)
-        parts += (b"\x85\x01", flags.to_bytes(4, "little"))
-        return b"".join(parts)
-
-    def _encode_rare(self) -> bytes:
-        from opentelemetry.proto.trace.v1 import trace_pb2
-
-        extra = trace_pb2.Span(attributes=_key_values(self._extra or {}))
-        for name, attributes, at_ns in self._events or ():
-            extra.events.add(name=name, time_unix_nano=at_ns, attributes=_key_values(attributes))
-        if self._error is not None:
-            extra.status.code = trace_pb2.Status.STATUS_CODE_ERROR
-            extra.status.message = self._error
-        return extra.SerializeToString()  # fields of one message concatenate
-
-    def to_readable(self) -> ReadableSpan:
-        """The same span as an SDK ``ReadableSpan`` (for exporters other than OTLP)."""
-        status = Status(StatusCode.UNSET)
-        if self._error is not None:
-            status = Status(StatusCode.ERROR, self._error)
-        return ReadableSpan(
-            name=self.name,
-            context=self._context,
-            parent=self._parent,
-            resource=self._origin.resource,
-            attributes=self.attributes(),
-            events=[
-                Event(name, attributes, at_ns) for name, attributes, at_ns in self._events or ()
-            ],
-            kind=SpanKind.SERVER if self._server else SpanKind.CLIENT,
-            status=status,
-            start_time=self._start_ns,
-            end_time=self._end_ns,
-            instrumentation_scope=self._origin.scope,
-        )
-
-
-def _readable(spans: Sequence[Any]) -> list[ReadableSpan]:
-    return [s.to_readable() if isinstance(s, _RpcSpan) else s for s in spans]
-
-
-class _RpcTracer:
-    """Starts RPC spans: sampling as the provider's sampler says (following the
-    parent's decision when it is parent-based, the default), ids from its id
-    generator, and W3C trace context read and written directly unless
-    ``OTEL_PROPAGATORS`` names others or the call carries baggage or tracestate."""
-
-    def __init__(
-        self,
-        provider: TracerProvider,
-        *,
-        sink: Callable[[_RpcSpan], None],
-        environ: Mapping[str, str],
-    ) -> None:
-        self._origin = _RpcOrigin(provider.resource)
-        self._sink = sink
-        self._sampler = provider.sampler
-        self._parent_based = isinstance(self._sampler, ParentBased)
-        self._ids = provider.id_generator
-        propagators = environ.get("OTEL_PROPAGATORS", "tracecontext,baggage")
-        self._direct = propagators.replace(" ", "") in ("tracecontext,baggage", "tracecontext")
-
-    def start_server(
-        self, described: _Method, metadata: Sequence[Any] | None
-    ) -> tuple[trace.Span, otel_context.Context]:
-        """The server span of a call with ``metadata``, and the context to attach."""
-        traceparent: str | None = None
-        plain = True
-        for key, value in metadata or ():
-            if key == "traceparent":
-                traceparent = value
-            elif key in ("tracestate", "baggage"):
-                plain = False
-        if traceparent is None:
-            return self._start(described, None, None, server=True)
-        if self._direct and plain and isinstance(traceparent, str):
-            parent = _parse_traceparent(traceparent)
-            if parent is not None:
-                return self._start(described, parent, None, server=True)
-        extracted = _extract(metadata)
-        found = trace.get_current_span(extracted).get_span_context()
-        return self._start(described, found if found.is_valid else None, extracted, server=True)
-
-    def start_client(self, described: _Method, metadata: grpc.aio.Metadata) -> trace.Span:
-        """The client span of a call, its context written into ``metadata``."""
-        current = trace.get_current_span().get_span_context()
-        span, context = self._start(
-            described, current if current.is_valid else None, None, server=False
-        )
-        own = span.get_span_context()
-        if self._direct and not baggage.get_all() and not own.trace_state:
-            metadata["traceparent"] = (
-                f"00-{own.trace_id:032x}-{own.span_id:016x}-{own.trace_flags:02x}"
-            )
-        else:
-            propagate.inject(metadata, context=context, setter=_SETTER)
-        return span
-
-    def _start(
-        self,
-        described: _Method,
-        parent: trace.SpanContext | None,
-        base: otel_context.Context | None,
-        *,
-        server: bool,
-    ) -> tuple[trace.Span, otel_context.Context]:
-        if parent is not None:
-            trace_id = parent.trace_id
-            if self._parent_based:
-                sampled = parent.trace_flags.sampled
-            else:
-                sampled = self._sample(described, trace_id, base, server=server)
-        else:
-            trace_id = self._ids.generate_trace_id()
-            sampled = self._sample(described, trace_id, base, server=server)
-        context = trace.SpanContext(
-            trace_id,
-            self._ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-            trace_state=parent.trace_state if parent is not None else None,
-        )
-        span: trace.Span
-        if sampled:
-            span = _RpcSpan(
-                described, context, parent, server=server, origin=self._origin, sink=self._sink
-            )
-        else:
-            span = trace.NonRecordingSpan(context)
-        return span, trace.set_span_in_context(span, base)
-
-    def _sample(
-        self,
-        described: _Method,
-        trace_id: int,
-        base: otel_context.Context | None,
-        *,
-        server: bool,
-    ) -> bool:
-        result = self._sampler.should_sample(
-            base,
-            trace_id,
-            described.span_name,
-            SpanKind.SERVER if server else SpanKind.CLIENT,
-            described.attributes,
-        )
-        return result.decision is Decision.RECORD_AND_SAMPLE
-
-
-def _parse_traceparent(value: str) -> trace.SpanContext | None:
-    """A version-00 ``traceparent`` as a remote span context; None when it is not one
-    (the propagator then decides)."""
-    match = _TRACEPARENT.fullmatch(value)
-    if match is None:
-        return None
-    trace_id, span_id = int(match[1], 16), int(match[2], 16)
-    if not trace_id or not span_id:
-        return None
-    return trace.SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(match[3], 16) & 1)
-    )
 
 
 # ------------------------------------------------------------------ metrics endpoint

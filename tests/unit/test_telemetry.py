@@ -12,10 +12,7 @@ import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import baggage, trace
-from opentelemetry import context as otel_context
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.resources import Resource
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -35,11 +32,6 @@ from reconciler.telemetry import (
     SpanCounters,
     Tracing,
     TracingCollector,
-    _compact_otlp_exporter_class,
-    _describe,
-    _parse_traceparent,
-    _RpcSpan,
-    _RpcTracer,
     client_interceptors,
     plan_export,
     server_interceptors,
@@ -226,12 +218,10 @@ _SERVICE = "test.Echo"
 class _Echo:
     def __init__(self) -> None:
         self.seen_span: trace.SpanContext | None = None
-        self.seen_baggage: dict[str, object] = {}
         self.log_line = ""
 
     async def ping(self, request: bytes, context: Any) -> bytes:
         self.seen_span = trace.get_current_span().get_span_context()
-        self.seen_baggage = dict(baggage.get_all())
         record = logging.LogRecord("t", logging.INFO, "", 0, "inside", None, None)
         self.log_line = JsonFormatter().format(record)
         if request == b"bad":
@@ -423,126 +413,3 @@ def test_rpc_stats_buckets_are_cumulative() -> None:
     [_, histogram] = list(stats.collect())
     buckets = {s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket")}
     assert buckets == {"0.1": 1, "1.0": 2, "+Inf": 3}
-
-
-# ---------------------------------------------------------------------- RPC spans
-
-_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        pytest.param(_PARENT, (0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, 1), id="ok"),
-        pytest.param(
-            _PARENT[:-2] + "00",
-            (0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xF067AA0BA902B7, 0),
-            id="not-sampled",
-        ),
-        pytest.param(_PARENT.upper(), None, id="upper-case"),
-        pytest.param("00-" + "0" * 32 + "-00f067aa0ba902b7-01", None, id="zero-trace-id"),
-        pytest.param(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", None, id="zero-span-id"
-        ),
-        pytest.param("ff" + _PARENT[2:], None, id="version-ff"),
-        pytest.param(_PARENT + "-extra", None, id="future-version-fields"),
-        pytest.param("00-4bf9-00f0-01", None, id="short"),
-        pytest.param("", None, id="empty"),
-    ],
-)
-def test_a_traceparent_is_read_directly_only_when_it_is_a_plain_version_00_one(
-    header: str, expected: tuple[int, int, int] | None
-) -> None:
-    parsed = _parse_traceparent(header)
-    if expected is None:
-        assert parsed is None
-    else:
-        assert parsed is not None
-        assert (parsed.trace_id, parsed.span_id, parsed.trace_flags) == expected
-        assert parsed.is_remote
-
-
-def _ended_rpc_span(decorate: Any) -> _RpcSpan:
-    provider = TracerProvider(resource=Resource.create({"service.name": "s", "n": 3}))
-    ended: list[_RpcSpan] = []
-    tracer = _RpcTracer(provider, sink=ended.append, environ={})
-    span, _ = tracer._start(
-        _describe("/test.Echo/Ping"), _parse_traceparent(_PARENT), None, server=True
-    )
-    decorate(span)
-    span.set_attribute("rpc.grpc.status_code", 13)
-    span.end()
-    [done] = ended
-    return done
-
-
-def _plain(span: _RpcSpan) -> None:
-    pass
-
-
-def _decorated(span: _RpcSpan) -> None:
-    span.set_attributes({"app.count": 2, "app.ratio": 0.5, "app.flag": True, "app.tags": ["a"]})
-    span.add_event("checkpoint", {"step": "one"}, timestamp=1_000)
-    span.record_exception(ValueError("bad"), timestamp=2_000)
-    span.update_name("renamed")
-    span.set_status(trace.Status(trace.StatusCode.ERROR, "it failed"))
-
-
-@pytest.mark.parametrize(
-    "decorate",
-    [pytest.param(_plain, id="plain"), pytest.param(_decorated, id="attributes-events-status")],
-)
-def test_an_rpc_span_encodes_to_what_the_sdk_encoder_writes_for_the_same_span(
-    decorate: Any,
-) -> None:
-    span = _ended_rpc_span(decorate)
-    exporter = _compact_otlp_exporter_class()(endpoint="http://127.0.0.1:9", insecure=True)
-    try:
-        compact = exporter._translate_data([span])  # type: ignore[attr-defined]
-    finally:
-        exporter.shutdown()
-    assert compact == encode_spans([span.to_readable()])
-
-
-def test_a_batch_of_sdk_and_rpc_spans_is_one_otlp_request_holding_both() -> None:
-    span = _ended_rpc_span(_plain)
-    provider = TracerProvider()
-    sdk_span = provider.get_tracer("t").start_span("reconcile")
-    sdk_span.end()
-    exporter = _compact_otlp_exporter_class()(endpoint="http://127.0.0.1:9", insecure=True)
-    try:
-        request = exporter._translate_data([sdk_span, span])  # type: ignore[attr-defined]
-    finally:
-        exporter.shutdown()
-    names = [s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
-    assert sorted(names) == ["reconcile", "test.Echo/Ping"]
-
-
-async def test_baggage_travels_with_the_call_and_the_server_span_stays_the_clients_child(
-    stack: tuple[_Stack, grpc.aio.Channel],
-) -> None:
-    parts, channel = stack
-    token = otel_context.attach(baggage.set_baggage("tenant", "blue"))
-    try:
-        await channel.unary_unary(f"/{_SERVICE}/Ping")(b"hi")
-    finally:
-        otel_context.detach(token)
-    assert parts.echo.seen_baggage == {"tenant": "blue"}
-    spans = parts.spans()
-    client, server = spans["CLIENT:test.Echo/Ping"], spans["SERVER:test.Echo/Ping"]
-    assert server.parent is not None
-    assert server.parent.span_id == client.context.span_id
-
-
-async def test_a_trace_its_root_did_not_sample_is_followed_but_not_recorded(
-    stack: tuple[_Stack, grpc.aio.Channel],
-) -> None:
-    parts, channel = stack
-    unsampled = trace.SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=trace.TraceFlags(0))
-    with trace.use_span(trace.NonRecordingSpan(unsampled)):
-        await channel.unary_unary(f"/{_SERVICE}/Ping")(b"hi")
-    assert parts.echo.seen_span is not None
-    assert parts.echo.seen_span.trace_id == 0xABC
-    assert not parts.echo.seen_span.trace_flags.sampled
-    assert parts.spans() == {}
-    assert parts.server_stats.handled(_SERVICE, "Ping", grpc.StatusCode.OK) == 1
