@@ -19,7 +19,14 @@ import psutil
 import pytest
 
 from tests.support.daemon import DaemonProcess
-from tests.support.manager import Fleet, ManagerProcess, agent_set_yaml, cli, sleeper
+from tests.support.manager import (
+    Fleet,
+    ManagerProcess,
+    UnixSocketDaemon,
+    agent_set_yaml,
+    cli,
+    sleeper,
+)
 from tests.support.postgres import isolated_schema
 
 pytestmark = pytest.mark.slow
@@ -106,15 +113,6 @@ def test_an_agent_set_reaches_the_nodes_its_labels_select_and_reapplying_changes
         assert all(info.restart_count == 0 for info in daemon.agents().values())
 
 
-class UnixSocketDaemon(DaemonProcess):
-    """A daemon serving DaemonService on a Unix socket only, so it registers no
-    address with the Manager: nothing can push to it."""
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.root / 'run' / 'daemon.sock'}"
-
-
 def metrics_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         text: str = response.read().decode()
@@ -138,12 +136,10 @@ def test_a_daemon_heartbeating_to_one_manager_converges_on_an_apply_through_anot
     with isolated_schema(postgres_dsn) as dsn:
         applying = fleet.manager(postgres_dsn=dsn)
         serving = fleet.manager(postgres_dsn=dsn)
-        socket = tmp_path / "edge-1" / "run" / "daemon.sock"
         daemon = fleet.daemon(
             "edge-1",
             manager_address=serving.address,
             labels={"role": "edge"},
-            grpc={"listen": "", "unix_socket": str(socket)},
             kind=UnixSocketDaemon,
         )
         applying.wait_ready_nodes({daemon.node_id})

@@ -9,9 +9,11 @@ behaves, at once and from any thread:
 - ``Delay(delay_s, jitter_s)``: hold every chunk ``delay_s`` plus up to ``jitter_s``
   (uniform) before forwarding it, in both directions, keeping the byte order (a later
   chunk never overtakes an earlier one). Throughput is not limited: this is latency.
-- ``Blackhole()``: accept connections and read what arrives, but drop it and never
-  answer or connect to the target; established connections go silent too (both
-  directions are read and dropped). What a peer behind a dead route sees.
+- ``Blackhole()``: accept new connections and read what arrives, but drop it and
+  never answer or connect to the target. Established connections stall: nothing is
+  forwarded either way until the mode changes, and what waits is then delivered
+  intact (as TCP does over a route that comes back). What a peer behind a dead route
+  sees.
 - ``Reset()``: reset (RST: ``SO_LINGER`` 0, then close) every open connection, on
   both sides, and every new one as soon as it is accepted.
 - ``Refuse()``: stop listening, so connects are refused, and reset the open
@@ -107,7 +109,7 @@ class ProxyStats:
     bytes_to_target: int = 0
     bytes_from_target: int = 0
     dropped_bytes: int = 0
-    """Bytes read and thrown away (Blackhole)."""
+    """Bytes read from new connections and thrown away (Blackhole)."""
 
 
 @dataclass(eq=False)
@@ -146,6 +148,9 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._random = random.Random()
+        self._flowing = asyncio.Event()
+        """Set unless the mode is Blackhole (established connections wait on it)."""
+        self._flowing.set()
 
     # -- the test's side (any thread) ---------------------------------------------
 
@@ -222,6 +227,10 @@ class FaultProxy:
     async def _switch(self, mode: Mode) -> None:
         with self._lock:
             previous, self._mode = self._mode, mode
+        if isinstance(mode, Blackhole):
+            self._flowing.clear()
+        else:
+            self._flowing.set()
         if isinstance(mode, Reset | Refuse):
             self._reset_all()
         if isinstance(mode, Refuse):
@@ -310,10 +319,8 @@ class FaultProxy:
     ) -> None:
         last_release = 0.0
         while chunk := await reader.read(CHUNK_BYTES):
+            await self._flowing.wait()  # a blackhole stalls established connections
             mode = self.mode
-            if isinstance(mode, Blackhole):
-                self._count(dropped_bytes=len(chunk))
-                continue
             release = time.monotonic()
             if isinstance(mode, Delay):
                 release += mode.delay_s + self._random.uniform(0.0, mode.jitter_s)
@@ -333,9 +340,7 @@ class FaultProxy:
             wait_s = release - time.monotonic()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-            if isinstance(self.mode, Blackhole):
-                self._count(dropped_bytes=len(chunk))
-                continue
+            await self._flowing.wait()
             writer.write(chunk)
             await writer.drain()
             if to_target:

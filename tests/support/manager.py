@@ -42,9 +42,12 @@ from tests.support.daemon import DaemonProcess, free_port, wait_for
 __all__ = [
     "Fleet",
     "ManagerProcess",
+    "TlsDaemon",
+    "UnixSocketDaemon",
     "agent_set_yaml",
     "cli",
     "operator_tls_flags",
+    "pki_credentials",
     "sleeper",
 ]
 
@@ -182,21 +185,16 @@ class ManagerProcess:
 
     # -- FleetService ---------------------------------------------------------------
 
-    def channel(self) -> grpc.Channel:
+    def channel(self, via: str = "") -> grpc.Channel:
+        """A channel to the Manager, or to ``via`` (a proxy in front of it)."""
+        address = via or self.address
         if self.tls is None:
-            return grpc.insecure_channel(self.address)
-        assert self.tls.operator is not None
-        cert, key = self.tls.operator
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.tls.ca_cert.read_bytes(),
-            private_key=key.read_bytes(),
-            certificate_chain=cert.read_bytes(),
-        )
-        return grpc.secure_channel(self.address, credentials)
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, pki_credentials(self.tls, "operator"))
 
     @contextmanager
-    def fleet(self) -> Iterator[fleet_pb2_grpc.FleetServiceStub]:
-        with self.channel() as channel:
+    def fleet(self, via: str = "") -> Iterator[fleet_pb2_grpc.FleetServiceStub]:
+        with self.channel(via) as channel:
             yield fleet_pb2_grpc.FleetServiceStub(channel)
 
     def nodes(self) -> dict[str, node_pb2.NodeInfo]:
@@ -219,6 +217,7 @@ class ManagerProcess:
         *,
         operation_id: str = "",
         timeout_s: float = 10.0,
+        via: str = "",
     ) -> agent_pb2.AgentOperationResponse:
         request = fleet_pb2.OperateAgentRequest(
             node_id=node_id,
@@ -226,7 +225,7 @@ class ManagerProcess:
                 agent_id=agent_id, operation=operation, operation_id=operation_id
             ),
         )
-        with self.fleet() as fleet:
+        with self.fleet(via) as fleet:
             answer: agent_pb2.AgentOperationResponse = fleet.OperateAgent(
                 request, timeout=timeout_s
             )
@@ -284,6 +283,77 @@ def sleeper(agent_id: str, seconds: str = "3600") -> dict[str, Any]:
     }
 
 
+class UnixSocketDaemon(DaemonProcess):
+    """A daemon serving DaemonService on a Unix socket only: it registers no address
+    with the Manager, so nothing can push to it and it converges by pulling alone."""
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket}"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "daemon.sock"
+
+    def write_config(self) -> None:
+        self.settings["grpc"] = {"listen": "", "unix_socket": str(self.socket)}
+        super().write_config()
+
+
+def pki_credentials(
+    pki: DevPki, holder: str | None, *, trust: DevPki | None = None
+) -> grpc.ChannelCredentials:
+    """Client credentials trusting ``trust`` (default ``pki``)'s CA and presenting the
+    certificate of ``holder`` ("operator", "manager" or a node id) from ``pki``, or
+    none when ``holder`` is None."""
+    pairs = {"manager": (pki.manager_cert, pki.manager_key), **pki.node_certs}
+    if pki.operator is not None:
+        pairs["operator"] = pki.operator
+    root = (trust or pki).ca_cert.read_bytes()
+    if holder is None:
+        return grpc.ssl_channel_credentials(root_certificates=root)
+    cert, key = pairs[holder]
+    return grpc.ssl_channel_credentials(
+        root_certificates=root, private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+    )
+
+
+@dataclass
+class TlsDaemon(DaemonProcess):
+    """A daemon with mutual TLS on, its node certificate from ``pki`` (named by its
+    node id); the test talks to it as the operator."""
+
+    pki: DevPki | None = None
+
+    def write_config(self) -> None:
+        assert self.pki is not None
+        cert, key = self.pki.node_certs[self.node_id]
+        self.settings["tls"] = {
+            "mode": "mtls",
+            "ca_file": str(self.pki.ca_cert),
+            "cert_file": str(cert),
+            "key_file": str(key),
+        }
+        super().write_config()
+
+    def channel(self) -> grpc.Channel:
+        assert self.pki is not None
+        return grpc.secure_channel(self.address, pki_credentials(self.pki, "operator"))
+
+    def _serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+        try:
+            with self.channel() as channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0
+                )
+        except grpc.RpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 @dataclass
 class Fleet:
     """Managers and daemons of one test, each under ``root``; ``close`` ends them all
@@ -310,6 +380,7 @@ class Fleet:
         link: dict[str, Any] | None = None,
         start: bool = True,
         kind: type[DaemonProcess] = DaemonProcess,
+        pki: DevPki | None = None,
         **settings: Any,
     ) -> DaemonProcess:
         """A daemon linked to ``manager_address``; ``link`` overrides its ``manager``
@@ -326,6 +397,9 @@ class Fleet:
             node_id=node_id or f"{name}-{self.token}",
             settings={"node": {"labels": labels or {}}, "manager": link_settings, **settings},
         )
+        if pki is not None:
+            assert isinstance(daemon, TlsDaemon), "pki needs kind=TlsDaemon"
+            daemon.pki = pki
         self.daemons.append(daemon)
         if start:
             daemon.start()
