@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -154,6 +154,14 @@ class _Beat:
     received_wall_s: float
 
 
+@dataclass(slots=True)
+class _Gate:
+    """Serialises the calls sharing one operation id; dropped when the last leaves."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class ResourceTracker(Protocol):
     """Samples live agents' resources (``reconciler.daemon.monitor.ResourceMonitor``)."""
 
@@ -242,6 +250,7 @@ class Controller:
         self._start_causes: dict[AgentId, otel_context.Context] = {}
         self._pending: set[AgentId] = set()
         self._updating: set[AgentId] = set()
+        self._operation_gates: dict[OperationId, _Gate] = {}
         self._observed_generation = Generation(0)
         self._apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -398,9 +407,29 @@ class Controller:
     async def operate(
         self, agent_id: AgentId, operation: str, *, operation_id: str = ""
     ) -> OperationOutcome:
-        """Start, stop (local overrides, persisted) or restart (once) an agent."""
+        """Start, stop (local overrides, persisted) or restart (once) an agent.
+
+        Calls sharing an operation id run one at a time, so a retry arriving while the
+        first call is still remembering its result answers as a duplicate instead of
+        acting again.
+        """
         if operation not in Operation.ALL:
             raise InvalidArgument("operation", f"must be one of {sorted(Operation.ALL)}")
+        if not operation_id:
+            return await self._operate_once(agent_id, operation, operation_id)
+        gate = self._operation_gates.setdefault(OperationId(operation_id), _Gate())
+        gate.users += 1
+        try:
+            async with gate.lock:
+                return await self._operate_once(agent_id, operation, operation_id)
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._operation_gates[OperationId(operation_id)]
+
+    async def _operate_once(
+        self, agent_id: AgentId, operation: str, operation_id: str
+    ) -> OperationOutcome:
         if operation_id:
             previous = self._store.lookup_operation(OperationId(operation_id))
             if previous is not None:
