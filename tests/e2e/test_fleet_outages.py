@@ -13,21 +13,28 @@ The fault proxy's own behaviour is checked first, against a plain echo server.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
-from reconciler.api.agent.v1 import agent_pb2
+from reconciler.api.agent.v1 import agent_pb2, node_pb2
 from tests.support.daemon import DaemonProcess, spec, wait_for
 from tests.support.faultproxy import Blackhole, Delay, FaultProxy, Mode, Pass, Refuse, Reset
 from tests.support.manager import (
     Fleet,
+    ManagerProcess,
+    agent_set_yaml,
+    cli,
+    sleeper,
 )
 
 MANAGER_SERVICE = "reconciler.api.manager.v1.ManagerService"
@@ -140,7 +147,129 @@ def test_a_reset_breaks_open_connections_and_a_blackhole_stalls_them(proxy: Faul
     assert proxy.stats().resets >= 1
 
 
-# ------------------------------------------------------------ operations
+# ------------------------------------------------------------------------ fleet helpers
+
+
+def metrics_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric ``name`` in Prometheus text."""
+    found = []
+    for match in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        found.append((labels, float(match.group(2))))
+    return found
+
+
+def served(manager: ManagerProcess, method: str) -> float:
+    """Calls of ManagerService ``method`` the Manager answered OK since it started."""
+    return sum(
+        value
+        for labels, value in samples(
+            metrics_text(manager.metrics_url), "reconciler_grpc_server_handled_total"
+        )
+        if labels["grpc_method"] == method and labels["grpc_code"] == "OK"
+    )
+
+
+def agent_view(daemon: DaemonProcess) -> dict[str, tuple[int, int, int]]:
+    """agent id -> (pid, phase, restart count) as the daemon shows them."""
+    return {
+        agent_id: (info.pid, info.phase, info.restart_count)
+        for agent_id, info in daemon.agents().items()
+    }
+
+
+def manager_view(manager: ManagerProcess, node_id: str) -> dict[str, tuple[int, int, int]]:
+    return {
+        state.spec.id: (state.info.pid, state.info.phase, state.info.restart_count)
+        for state in manager.agents(node_id)
+    }
+
+
+def all_running(view: dict[str, tuple[int, int, int]], agent_ids: set[str]) -> bool:
+    return set(view) == agent_ids and all(
+        phase == agent_pb2.AGENT_PHASE_RUNNING and psutil.pid_exists(pid)
+        for pid, phase, _ in view.values()
+    )
+
+
+def apply(manager: ManagerProcess, path: Path, *extra: str) -> str:
+    result = cli("apply", "-f", str(path), *extra, manager=manager.address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# ------------------------------------------------------------------ the Manager away
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_agents_outlive_a_60s_manager_outage_and_every_daemon_is_back_within_30s(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    manager = fleet.manager()
+    # The daemons' own defaults: 10 s heartbeats, 15 s reports, 5 s call deadline.
+    defaults = {"heartbeat_interval_s": 10.0, "report_interval_s": 15.0, "call_timeout_s": 5.0}
+    daemons = [
+        fleet.daemon(f"edge-{i}", manager_address=manager.address, link=defaults) for i in (1, 2, 3)
+    ]
+    node_ids = {d.node_id for d in daemons}
+    manager.wait_ready_nodes(node_ids)
+    path = tmp_path / "all.yaml"
+    path.write_text(agent_set_yaml("all", agents=[sleeper("shipper")]))
+    apply(manager, path, "--wait", "--timeout", "60s")
+    before = {d.node_id: agent_view(d) for d in daemons}
+    assert all(all_running(view, {"shipper"}) for view in before.values()), before
+
+    manager.kill()
+    outage_end = time.monotonic() + OUTAGE_S
+    while time.monotonic() < outage_end:  # watching the agents for the whole outage
+        assert {d.node_id: agent_view(d) for d in daemons} == before
+        time.sleep(1.0)
+
+    restarted, restarted_wall = time.monotonic(), time.time()
+    manager.start()
+
+    def back() -> bool:
+        nodes = manager.nodes()
+        heard = [nodes[n].last_heartbeat_at.ToNanoseconds() / 1e9 for n in node_ids]
+        return (
+            all(node.status == node_pb2.NODE_STATUS_READY for node in nodes.values())
+            and all(at >= restarted_wall for at in heard)
+            and served(manager, "SyncAgentStates") >= len(daemons)
+            and all(manager_view(manager, d.node_id) == agent_view(d) for d in daemons)
+        )
+
+    wait_for(back, timeout_s=RECONNECT_BOUND_S + 30, interval_s=0.2, what="every daemon back")
+    back_s = time.monotonic() - restarted
+    print(f"after a {OUTAGE_S:.0f}s outage every daemon was back in {back_s:.2f}s")
+    assert back_s <= RECONNECT_BOUND_S
+    assert {d.node_id: agent_view(d) for d in daemons} == before
+    assert manager.wait_ready_nodes(node_ids, timeout_s=1.0) < 1.0
+
+    # A change while one daemon is down reaches it when it returns.
+    away = daemons[2]
+    away.kill()
+    path.write_text(agent_set_yaml("all", agents=[sleeper("shipper"), sleeper("tailer", "3601")]))
+    apply(manager, path)
+    for daemon in daemons[:2]:
+        wait_for(lambda d=daemon: all_running(agent_view(d), {"shipper", "tailer"}), what="tailer")
+    returned = time.monotonic()
+    away.start()
+    wait_for(
+        lambda: all_running(agent_view(away), {"shipper", "tailer"}),
+        timeout_s=RECONNECT_BOUND_S,
+        what="the returning daemon to converge",
+    )
+    took_s = time.monotonic() - returned
+    print(f"a daemon down during a change converged {took_s:.2f}s after it started again")
+    assert agent_view(away)["shipper"] == before[away.node_id]["shipper"]  # adopted, not restarted
+    wait_for(lambda: manager_view(manager, away.node_id) == agent_view(away), what="reported")
 
 
 @pytest.mark.slow
