@@ -107,6 +107,7 @@ class ManagerLink:
         self._changed = asyncio.Event()
         self._metrics_sent_until = clock.wall()
         self._refused_generation = 0
+        self._pulling = asyncio.Lock()
         self.calls_failed = 0
         self.registrations = 0
         controller.on_change(self._changed.set)
@@ -182,7 +183,15 @@ class ManagerLink:
         await self._catch_up(answer.desired_generation)
 
     async def _catch_up(self, desired_generation: int) -> None:
-        """Pull the desired state when the Manager holds a newer generation than we do."""
+        """Pull the desired state when the Manager holds a newer generation than we do.
+
+        The heartbeat and report loops both call this; one pull at a time, so the
+        second sees the generation the first fetched instead of fetching it again.
+        """
+        async with self._pulling:
+            await self._pull_if_behind(desired_generation)
+
+    async def _pull_if_behind(self, desired_generation: int) -> None:
         if desired_generation <= self._controller.generation:
             return
         if desired_generation == self._refused_generation:

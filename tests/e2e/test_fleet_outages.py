@@ -23,15 +23,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 
 from reconciler.api.agent.v1 import agent_pb2, node_pb2
-from tests.support.daemon import DaemonProcess, spec, wait_for
+from reconciler.api.fleet.v1 import fleet_pb2
+from tests.support.daemon import DaemonProcess, free_port, spec, wait_for
 from tests.support.faultproxy import Blackhole, Delay, FaultProxy, Mode, Pass, Refuse, Reset
 from tests.support.manager import (
     Fleet,
     ManagerProcess,
+    UnixSocketDaemon,
     agent_set_yaml,
     cli,
     sleeper,
@@ -270,6 +273,123 @@ def test_agents_outlive_a_60s_manager_outage_and_every_daemon_is_back_within_30s
     print(f"a daemon down during a change converged {took_s:.2f}s after it started again")
     assert agent_view(away)["shipper"] == before[away.node_id]["shipper"]  # adopted, not restarted
     wait_for(lambda: manager_view(manager, away.node_id) == agent_view(away), what="reported")
+
+
+# -------------------------------------------------------------- a faulty network
+
+
+def client_calls(daemon_metrics_url: str) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """The daemon's calls to ManagerService: counts by method and code, and per method
+    the count of attempts that took longer than 2.5 s (the bucket above the deadline)."""
+    text = metrics_text(daemon_metrics_url)
+    counts: dict[str, dict[str, float]] = {}
+    for labels, value in samples(text, "reconciler_grpc_client_handled_total"):
+        if labels["grpc_service"] == MANAGER_SERVICE:
+            counts.setdefault(labels["grpc_method"], {})[labels["grpc_code"]] = value
+    slow: dict[str, float] = {}
+    buckets = samples(text, "reconciler_grpc_client_handling_seconds_bucket")
+    for labels, value in buckets:
+        if labels["grpc_service"] != MANAGER_SERVICE:
+            continue
+        method = labels["grpc_method"]
+        if labels["le"] == "+Inf":
+            slow[method] = slow.get(method, 0.0) + value
+        elif labels["le"] == "2.5":
+            slow[method] = slow.get(method, 0.0) - value
+    return counts, slow
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_through_a_faulty_network_every_call_ends_by_its_deadline_and_nothing_acts_twice(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    manager = fleet.manager()
+    with (
+        FaultProxy(("127.0.0.1", manager.grpc_port)) as link,
+        FaultProxy(("127.0.0.1", manager.grpc_port)) as operator,
+    ):
+        through_proxy = f"127.0.0.1:{link.port}"
+        metrics = {kind: f"127.0.0.1:{free_port()}" for kind in ("push", "pull")}
+        daemon = fleet.daemon(
+            "edge-1", manager_address=through_proxy, metrics={"listen": metrics["push"]}
+        )
+        puller = fleet.daemon(
+            "pull-1",
+            manager_address=through_proxy,
+            metrics={"listen": metrics["pull"]},
+            kind=UnixSocketDaemon,
+        )
+        manager.wait_ready_nodes({daemon.node_id, puller.node_id})
+        path = tmp_path / "all.yaml"
+        path.write_text(agent_set_yaml("all", agents=[sleeper("shipper")]))
+        apply(manager, path, "--wait", "--timeout", "60s")
+
+        faults: list[tuple[Mode, float]] = [
+            (Delay(0.5, 1.0), 6.0),
+            (Reset(), 4.0),
+            (Delay(0.1, 0.1), 3.0),
+            (Blackhole(), 8.0),
+            (Refuse(), 4.0),
+            (Delay(1.5, 1.5), 6.0),
+        ]
+        started = time.monotonic()
+        for index, (mode, duration_s) in enumerate(faults):
+            link.set_mode(mode)
+            if index == 1:  # a change the puller must fetch through the faults
+                path.write_text(
+                    agent_set_yaml("all", agents=[sleeper("shipper"), sleeper("tailer", "3601")])
+                )
+                apply(manager, path)
+            time.sleep(duration_s)  # the fault lasts this long
+        link.set_mode(Pass())
+        faulty_s = time.monotonic() - started
+        apply(manager, path, "--wait", "--timeout", "60s")
+        print(f"converged {time.monotonic() - started - faulty_s:.2f}s after the faults ended")
+        assert all_running(agent_view(puller), {"shipper", "tailer"})
+
+        for node in (daemon, puller):
+            counts, slow = client_calls(
+                f"http://{metrics['push' if node is daemon else 'pull']}/metrics"
+            )
+            print(
+                f"{node.node_id}'s calls to the Manager during {faulty_s:.0f}s of faults: {counts}"
+            )
+            assert all(n == 0 for n in slow.values()), f"calls outlived their deadline: {slow}"
+            failed = sum(n for codes in counts.values() for c, n in codes.items() if c != "OK")
+            assert failed > 0  # the faults were felt
+            # Two loops (heartbeats, reports), each at most one attempt per 0.5 s backoff.
+            assert failed <= faulty_s * 2 / 0.5 + 10
+            assert "Traceback" not in node.log_text()
+        assert link.stats().resets > 0
+        # Each generation was pulled once, though both of the link's loops saw it.
+        pulls, _ = client_calls(f"http://{metrics['pull']}/metrics")
+        generation = manager.nodes()[puller.node_id].desired_generation
+        assert 0 < pulls["GetDesiredState"].get("OK", 0) <= generation
+
+        # An operation whose answer is lost acts once when retried.
+        first_pid = daemon.running()["shipper"]
+        operate = fleet_pb2.OperateAgentRequest(
+            node_id=daemon.node_id,
+            request=agent_pb2.AgentOperationRequest(
+                agent_id="shipper",
+                operation=agent_pb2.OPERATION_RESTART,
+                operation_id=uuid.uuid4().hex,
+            ),
+        )
+        with manager.fleet(via=f"127.0.0.1:{operator.port}") as fleet_stub:
+            fleet_stub.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)  # connected
+            operator.set_mode(Delay(1.5, 0.0))
+            with pytest.raises(grpc.RpcError) as lost:
+                fleet_stub.OperateAgent(operate, timeout=1.0)
+            assert lost.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+            wait_for(lambda: daemon.agents()["shipper"].restart_count == 1, what="the lost call")
+            operator.set_mode(Pass())
+            again = fleet_stub.OperateAgent(operate, timeout=10)
+        assert again.duplicate
+        second_pid = wait_for(lambda: daemon.running().get("shipper"), what="shipper running")
+        assert second_pid != first_pid
+        assert daemon.agents()["shipper"].restart_count == 1
 
 
 @pytest.mark.slow
