@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,12 +125,34 @@ def running_pid(daemon: DaemonProcess, agent_id: str) -> int:
 # -------------------------------------------------------------- heartbeat socket
 
 
+@pytest.fixture
+def reachable_socket_dir() -> Iterator[Path]:
+    """A directory every uid may traverse (pytest's own tmp_path is 0700, which would
+    hide the socket from another uid whatever its mode)."""
+    directory = Path(tempfile.mkdtemp(prefix="reconciler-sec-"))
+    directory.chmod(0o711)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
-def test_another_uid_cannot_reach_the_heartbeat_socket(daemon: DaemonProcess) -> None:
-    assert connect_as_nobody(daemon.socket_path) == "permission-denied"
-    # Even with the private directory opened up, the socket's own mode keeps it out.
-    daemon.socket_path.parent.chmod(0o755)
-    assert connect_as_nobody(daemon.socket_path) == "permission-denied"
+def test_another_uid_cannot_reach_the_heartbeat_socket(
+    tmp_path: Path, reachable_socket_dir: Path
+) -> None:
+    socket_path = reachable_socket_dir / "run" / "heartbeat.sock"
+    daemon = DaemonProcess(
+        tmp_path / "daemon", settings={"heartbeat": {"socket_path": str(socket_path)}}
+    )
+    daemon.start()
+    try:
+        assert connect_as_nobody(socket_path) == "permission-denied"
+        # Even with the private directory opened up, the socket's own mode keeps it out.
+        socket_path.parent.chmod(0o755)
+        assert connect_as_nobody(socket_path) == "permission-denied"
+    finally:
+        daemon.close()
 
 
 def test_an_impostor_claiming_another_agents_id_is_refused_and_counted(
