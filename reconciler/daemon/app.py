@@ -167,11 +167,14 @@ class DaemonApp:
         self._warn_about_settings()
         try:
             self._start_tracing()
+            # Listen for heartbeats before adopting: an adopted agent's heartbeat
+            # deadline runs from its adoption, and it can only meet it once the
+            # socket is there (starting up on a busy host takes seconds).
+            await self._start_heartbeats()
             await self.controller.start()
             self._closers.append(self._stop_controller)
             self._tasks.append(asyncio.create_task(self.monitor.run()))
             self._tasks.append(asyncio.create_task(self._rotate_logs()))
-            await self._start_heartbeats()
             await self._start_grpc()
             await self._start_metrics()
             self._start_manager_link()
