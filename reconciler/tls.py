@@ -539,12 +539,3 @@ def _stream(behaviour: Any, check: Check) -> Any:
             yield item
 
     return call
-
-
-def __getattr__(name: str) -> Any:
-    """``make_dev_pki`` and ``DevPki`` moved to ``reconciler.pki``."""
-    if name in ("make_dev_pki", "DevPki"):
-        from reconciler import pki
-
-        return getattr(pki, name)
-    raise AttributeError(name)

@@ -1,5 +1,5 @@
 """A fleet of real processes with mutual TLS: a ``reconciler manager`` and a
-``reconciler daemon`` with certificates from ``reconciler.tls.make_dev_pki``.
+``reconciler daemon`` with certificates from ``reconciler.pki.make_dev_pki``.
 
 Both refuse a plaintext client, a client with no certificate and a client whose
 certificate comes from another CA. The normal path works: the daemon registers, an
@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
-from reconciler.tls import DevPki, make_dev_pki
+from reconciler.pki import DevPki, make_dev_pki
 from tests.support.manager import (
     Fleet,
     ManagerProcess,

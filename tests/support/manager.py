@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reconciler.api.agent.v1 import agent_pb2, node_pb2
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
-from reconciler.tls import DevPki
+from reconciler.pki import DevPki
 from tests.support.daemon import DaemonProcess, free_port, wait_for
 
 __all__ = [
