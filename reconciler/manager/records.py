@@ -21,7 +21,9 @@ __all__ = [
     "ApplyChange",
     "DesiredRecord",
     "EventRecord",
+    "HeartbeatRecord",
     "MetricPointRecord",
+    "NodeLivenessRecord",
     "NodeRecord",
     "ObservedAgentRecord",
 ]
@@ -49,6 +51,25 @@ class NodeRecord:
     desired_generation: int = 0
     observed_generation: int = 0
     current_generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatRecord:
+    """One heartbeat of a node: when, and the generations its daemon reported."""
+
+    node_id: str
+    at: float
+    current_generation: int
+    observed_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLivenessRecord:
+    """The lean view of a node that heartbeat answers and readiness need."""
+
+    node_id: str
+    last_heartbeat_at: float
+    desired_generation: int
 
 
 @dataclass(frozen=True, slots=True)

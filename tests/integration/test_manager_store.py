@@ -22,7 +22,9 @@ from reconciler.manager.records import (
     ApplyChange,
     DesiredRecord,
     EventRecord,
+    HeartbeatRecord,
     MetricPointRecord,
+    NodeLivenessRecord,
     NodeRecord,
     ObservedAgentRecord,
 )
@@ -191,6 +193,67 @@ async def test_a_heartbeat_records_its_time_and_the_daemons_generations(
     assert (answer.desired_generation, answer.current_generation) == (4, 4)
     assert answer.observed_generation == 3
     assert await store.get_node("node-a") == answer
+
+
+async def test_a_batch_of_heartbeats_updates_known_nodes_and_skips_unknown_ones(
+    store: ManagerStore,
+) -> None:
+    await store.upsert_node(node("node-a", at=100.0))
+    await store.upsert_node(node("node-b", at=100.0))
+
+    await store.record_heartbeats(
+        [
+            HeartbeatRecord("node-b", at=140.0, current_generation=2, observed_generation=1),
+            HeartbeatRecord("ghost", at=140.0, current_generation=9, observed_generation=9),
+            HeartbeatRecord("node-a", at=130.0, current_generation=3, observed_generation=3),
+        ]
+    )
+
+    nodes = {n.node_id: n for n in await store.list_nodes()}
+    assert set(nodes) == {"node-a", "node-b"}
+    assert (nodes["node-a"].last_heartbeat_at, nodes["node-a"].current_generation) == (130.0, 3)
+    assert (nodes["node-b"].last_heartbeat_at, nodes["node-b"].observed_generation) == (140.0, 1)
+
+
+async def test_a_batched_heartbeat_older_than_the_stored_one_changes_nothing(
+    store: ManagerStore,
+) -> None:
+    await store.upsert_node(node(at=100.0))
+    await store.record_heartbeat("node-a", at=150.0, current_generation=5, observed_generation=5)
+
+    await store.record_heartbeats(
+        [HeartbeatRecord("node-a", at=120.0, current_generation=1, observed_generation=1)]
+    )
+
+    stored = await store.get_node("node-a")
+    assert stored is not None
+    assert (stored.last_heartbeat_at, stored.current_generation) == (150.0, 5)
+
+
+async def test_a_heartbeat_batch_naming_a_node_twice_is_refused_and_changes_nothing(
+    store: ManagerStore,
+) -> None:
+    await store.upsert_node(node(at=100.0))
+    before = await snapshot(store)
+    beat = HeartbeatRecord("node-a", at=120.0, current_generation=1, observed_generation=1)
+
+    with pytest.raises(InvalidArgument, match="beats"):
+        await store.record_heartbeats([beat, beat])
+
+    assert await snapshot(store) == before
+
+
+async def test_liveness_lists_every_nodes_last_heartbeat_and_desired_generation_by_id(
+    store: ManagerStore,
+) -> None:
+    await store.upsert_node(node("node-b", at=200.0))
+    await store.upsert_node(node("node-a", at=100.0))
+    await store.apply(ApplyChange(desired=(desired("node-b", 3), desired("gone", 2))))
+
+    assert await store.list_liveness() == [
+        NodeLivenessRecord("node-a", last_heartbeat_at=100.0, desired_generation=0),
+        NodeLivenessRecord("node-b", last_heartbeat_at=200.0, desired_generation=3),
+    ]
 
 
 async def test_nodes_are_listed_by_id_and_an_unknown_id_is_none(store: ManagerStore) -> None:

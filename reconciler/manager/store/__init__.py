@@ -28,7 +28,9 @@ from reconciler.manager.records import (
     ApplyChange,
     DesiredRecord,
     EventRecord,
+    HeartbeatRecord,
     MetricPointRecord,
+    NodeLivenessRecord,
     NodeRecord,
     ObservedAgentRecord,
 )
@@ -60,6 +62,15 @@ class ManagerStore(Protocol):
         self, node_id: str, *, at: float, current_generation: int, observed_generation: int
     ) -> NodeRecord | None:
         """Note a node's heartbeat; ``None`` when the node is unknown."""
+
+    async def record_heartbeats(self, beats: Sequence[HeartbeatRecord]) -> None:
+        """Note many heartbeats (at most one per node) in one transaction. A beat
+        changes its node only when it is not older than the stored heartbeat; a beat
+        of an unknown node changes nothing."""
+
+    async def list_liveness(self) -> list[NodeLivenessRecord]:
+        """Every node's last heartbeat and desired generation, by node id: what
+        heartbeat answers and the readiness sweep need, without the rest."""
 
     async def delete_node(self, node_id: str) -> bool:
         """Forget a node and its observed agents (its desired generation stays, so it

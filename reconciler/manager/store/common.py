@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from reconciler.manager.records import ApplyChange, ObservedAgentRecord
+from reconciler.manager.records import ApplyChange, HeartbeatRecord, ObservedAgentRecord
 from reconciler.model.errors import Conflict, InvalidArgument, PermanentError
 
 __all__ = [
     "SchemaTooNew",
     "check_desired_generation",
     "check_events_args",
+    "check_heartbeats",
     "check_limit",
     "check_observed",
     "check_revision",
@@ -82,6 +83,13 @@ def check_observed(node_id: str, agents: Sequence[ObservedAgentRecord]) -> None:
     ids = [agent.agent_id for agent in agents]
     if len(set(ids)) != len(ids):
         raise InvalidArgument("agents", "an agent id appears more than once")
+
+
+def check_heartbeats(beats: Sequence[HeartbeatRecord]) -> None:
+    """Every beat names a distinct node (so a batch has one answer per node)."""
+    ids = [beat.node_id for beat in beats]
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("beats", "a node id appears more than once")
 
 
 def check_events_args(*, keep_last: int) -> None:

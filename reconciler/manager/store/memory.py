@@ -19,13 +19,16 @@ from reconciler.manager.records import (
     ApplyChange,
     DesiredRecord,
     EventRecord,
+    HeartbeatRecord,
     MetricPointRecord,
+    NodeLivenessRecord,
     NodeRecord,
     ObservedAgentRecord,
 )
 from reconciler.manager.store.common import (
     check_desired_generation,
     check_events_args,
+    check_heartbeats,
     check_limit,
     check_observed,
     check_revision,
@@ -106,6 +109,30 @@ class MemoryStore:
         )
         self._nodes[node_id] = node
         return self._with_desired(node)
+
+    async def record_heartbeats(self, beats: Sequence[HeartbeatRecord]) -> None:
+        check_heartbeats(beats)
+        self._check()
+        for beat in beats:
+            node = self._nodes.get(beat.node_id)
+            if node is not None and node.last_heartbeat_at <= beat.at:
+                self._nodes[beat.node_id] = dataclasses.replace(
+                    node,
+                    last_heartbeat_at=beat.at,
+                    current_generation=beat.current_generation,
+                    observed_generation=beat.observed_generation,
+                )
+
+    async def list_liveness(self) -> list[NodeLivenessRecord]:
+        self._check()
+        return [
+            NodeLivenessRecord(k, self._nodes[k].last_heartbeat_at, self._generation_of(k))
+            for k in sorted(self._nodes)
+        ]
+
+    def _generation_of(self, node_id: str) -> int:
+        desired = self._desired.get(node_id)
+        return desired.generation if desired is not None else 0
 
     async def delete_node(self, node_id: str) -> bool:
         self._check()

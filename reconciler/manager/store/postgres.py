@@ -39,7 +39,9 @@ from reconciler.manager.records import (
     ApplyChange,
     DesiredRecord,
     EventRecord,
+    HeartbeatRecord,
     MetricPointRecord,
+    NodeLivenessRecord,
     NodeRecord,
     ObservedAgentRecord,
 )
@@ -48,6 +50,7 @@ from reconciler.manager.store.common import (
     SchemaTooNew,
     check_desired_generation,
     check_events_args,
+    check_heartbeats,
     check_limit,
     check_observed,
     check_revision,
@@ -200,6 +203,18 @@ class PostgresStore:
         params = (at, current_generation, observed_generation, node_id)
         row = await self._fetch_one(sql.RECORD_HEARTBEAT, params)
         return sql.node_from_row(row) if row is not None else None
+
+    async def record_heartbeats(self, beats: Sequence[HeartbeatRecord]) -> None:
+        check_heartbeats(beats)
+        # In node id order, so two replicas' batches lock rows in one order (no deadlock).
+        rows = [sql.heartbeat_params(b) for b in sorted(beats, key=lambda b: b.node_id)]
+        if not rows:
+            return
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(_q(sql.RECORD_HEARTBEAT_IF_NEWER), rows)
+
+    async def list_liveness(self) -> list[NodeLivenessRecord]:
+        return [sql.liveness_from_row(row) for row in await self._fetch_all(sql.LIST_LIVENESS)]
 
     async def delete_node(self, node_id: str) -> bool:
         async with self._connection() as conn, conn.transaction():

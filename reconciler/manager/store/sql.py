@@ -18,7 +18,9 @@ from reconciler.manager.records import (
     AgentSetRecord,
     DesiredRecord,
     EventRecord,
+    HeartbeatRecord,
     MetricPointRecord,
+    NodeLivenessRecord,
     NodeRecord,
     ObservedAgentRecord,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "INSERT_OBSERVED",
     "LIST_AGENT_SETS",
     "LIST_DESIRED",
+    "LIST_LIVENESS",
     "LIST_NODES",
     "LIST_OBSERVED",
     "LIST_OBSERVED_OF_NODE",
@@ -54,6 +57,7 @@ __all__ = [
     "PUT_DESIRED",
     "QUERY_METRICS",
     "RECORD_HEARTBEAT",
+    "RECORD_HEARTBEAT_IF_NEWER",
     "SCHEMA_VERSION_CREATE",
     "SCHEMA_VERSION_INSERT",
     "SCHEMA_VERSION_SELECT",
@@ -65,6 +69,8 @@ __all__ = [
     "event_from_row",
     "event_params",
     "events_query",
+    "heartbeat_params",
+    "liveness_from_row",
     "metric_from_row",
     "metric_params",
     "node_from_row",
@@ -120,6 +126,15 @@ RECORD_HEARTBEAT: Final = (
     " registered_at, last_heartbeat_at,"
     " COALESCE((SELECT d.generation FROM desired AS d WHERE d.node_id = nodes.node_id), 0),"
     " observed_generation, current_generation"
+)
+RECORD_HEARTBEAT_IF_NEWER: Final = (
+    "UPDATE nodes SET last_heartbeat_at = ?, current_generation = ?,"
+    " observed_generation = ? WHERE node_id = ? AND last_heartbeat_at <= ?"
+)
+LIST_LIVENESS: Final = (
+    "SELECT n.node_id, n.last_heartbeat_at, COALESCE(d.generation, 0)"
+    " FROM nodes AS n LEFT JOIN desired AS d ON d.node_id = n.node_id"
+    " ORDER BY n.node_id"
 )
 DELETE_NODE: Final = "DELETE FROM nodes WHERE node_id = ?"
 
@@ -245,6 +260,17 @@ def node_from_row(row: Row) -> NodeRecord:
         desired_generation=int(row[9]),
         observed_generation=int(row[10]),
         current_generation=int(row[11]),
+    )
+
+
+def heartbeat_params(beat: HeartbeatRecord) -> tuple[object, ...]:
+    """Parameters of ``RECORD_HEARTBEAT_IF_NEWER``."""
+    return (beat.at, beat.current_generation, beat.observed_generation, beat.node_id, beat.at)
+
+
+def liveness_from_row(row: Row) -> NodeLivenessRecord:
+    return NodeLivenessRecord(
+        node_id=row[0], last_heartbeat_at=float(row[1]), desired_generation=int(row[2])
     )
 
 

@@ -42,7 +42,9 @@ from reconciler.manager.records import (
     ApplyChange,
     DesiredRecord,
     EventRecord,
+    HeartbeatRecord,
     MetricPointRecord,
+    NodeLivenessRecord,
     NodeRecord,
     ObservedAgentRecord,
 )
@@ -51,6 +53,7 @@ from reconciler.manager.store.common import (
     SchemaTooNew,
     check_desired_generation,
     check_events_args,
+    check_heartbeats,
     check_limit,
     check_observed,
     check_revision,
@@ -170,6 +173,24 @@ class SqliteStore:
             with _immediate(conn):
                 row = _one(conn.execute(sql.RECORD_HEARTBEAT, params))
             return sql.node_from_row(row) if row is not None else None
+
+        return await self._run(work)
+
+    async def record_heartbeats(self, beats: Sequence[HeartbeatRecord]) -> None:
+        check_heartbeats(beats)
+        rows = [sql.heartbeat_params(beat) for beat in beats]
+        if not rows:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _immediate(conn):
+                conn.executemany(sql.RECORD_HEARTBEAT_IF_NEWER, rows)
+
+        await self._run(work)
+
+    async def list_liveness(self) -> list[NodeLivenessRecord]:
+        def work(conn: sqlite3.Connection) -> list[NodeLivenessRecord]:
+            return [sql.liveness_from_row(row) for row in conn.execute(sql.LIST_LIVENESS)]
 
         return await self._run(work)
 
