@@ -4,7 +4,8 @@
 FleetService on one grpc.aio server, with ``rpc.ErrorInterceptor``, health and
 reflection), binds ``grpc.listen`` (mTLS, or loopback only in insecure mode, with a
 warning: ``reconciler.tls.add_listen_port``), serves Prometheus metrics on
-``metrics.listen`` and sweeps node readiness in the background. ``start`` returns once
+``metrics.listen``, sweeps node readiness in the background and writes heartbeats
+behind in batches (``liveness.NodeTable``, flushed once more at stop). ``start`` returns once
 everything listens (``addresses`` then holds the bound ports, useful with port 0);
 ``stop`` marks health NOT_SERVING, ends event streams, stops the server with a grace
 period and closes the store. ``reconciler dev`` runs one in-process this way.
@@ -42,6 +43,7 @@ from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
 from reconciler.config import ConfigError, ManagerSettings, TlsMode, parse_host_port
 from reconciler.manager.fleet import FleetChanges, FleetServicer
+from reconciler.manager.liveness import NodeTable, flush_interval_for
 from reconciler.manager.push import DaemonChannels, Pusher, PushResult, RetryPolicy
 from reconciler.manager.service import EventLog, ManagerServicer, NodeStatus, Readiness
 from reconciler.manager.store import ManagerStore, open_store
@@ -171,14 +173,25 @@ class ManagerApp:
             clock=clock,
             observe=self.metrics.observe_push,
         )
-        self.readiness = Readiness(
+        self.table = NodeTable(
             self.store,
+            flush_interval_s=flush_interval_for(settings.nodes.not_ready_after_s),
+            clock=clock,
+        )
+        self.readiness = Readiness(
+            self.table,
             self.events,
             not_ready_after_s=settings.nodes.not_ready_after_s,
             clock=clock,
             on_counts=self.metrics.set_nodes,
         )
-        self.changes = FleetChanges(self.store, events=self.events, pusher=self.pusher, clock=clock)
+        self.changes = FleetChanges(
+            self.store,
+            events=self.events,
+            pusher=self.pusher,
+            clock=clock,
+            on_desired=self.table.desired_written,
+        )
         self.fleet = FleetServicer(
             self.store,
             changes=self.changes,
@@ -197,6 +210,7 @@ class ManagerApp:
             pusher=self.pusher,
             events=self.events,
             readiness=self.readiness,
+            table=self.table,
             tls_enabled=self.tls_enabled,
             clock=clock,
         )
@@ -220,6 +234,7 @@ class ManagerApp:
             await self._start_metrics()
             interval_s = min(5.0, max(0.05, self.settings.nodes.not_ready_after_s / 4))
             self._tasks.append(asyncio.create_task(self.readiness.run(interval_s)))
+            self._tasks.append(asyncio.create_task(self.table.run()))
         except BaseException:
             await self.stop()
             raise
@@ -246,6 +261,7 @@ class ManagerApp:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         if self._store_open:
+            await self.table.close()
             await self._raw_store.close()
             self._store_open = False
         if self._owns_tracing:

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -173,8 +173,10 @@ class FleetChanges:
         pusher: PushRequester,
         clock: Clock = time.time,
         attempts: int = 5,
+        on_desired: Callable[[Sequence[DesiredRecord]], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_desired = on_desired
         self._events = events
         self._pusher = pusher
         self._clock = clock
@@ -380,6 +382,8 @@ class FleetChanges:
         except Conflict as error:
             log.info("concurrent change, planning again: %s", error)
             raise _Raced from error
+        if self._on_desired is not None:
+            self._on_desired(change.desired)
 
     async def _after(self, result: Plan, event: EventRecord) -> None:
         for conflict in result.conflicts:
@@ -502,7 +506,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             raise InvalidArgument("status", f"unknown node status {request.status}")
         desired = {d.node_id: d for d in await self._store.list_desired()}
         nodes: list[node_pb2.NodeInfo] = []
-        for node in await self._store.list_nodes():
+        for stored in await self._store.list_nodes():
+            node = self._readiness.latest(stored)
             status = self._readiness.status(node)
             info = node_info(
                 node,

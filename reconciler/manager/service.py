@@ -4,9 +4,14 @@ The servicer stays thin: it checks the request (every field is hostile), convert
 calls the store or the ``Replanner`` (``fleet.FleetChanges``) and converts back.
 Model errors become gRPC statuses in ``reconciler.rpc.ErrorInterceptor``.
 
-Node status is derived here and nowhere else: Ready while the last heartbeat is
-younger than ``nodes.not_ready_after_s``, else NotReady; agents of a NotReady node are
-shown with phase UNKNOWN (never "stopped": the Manager does not know). ``Readiness``
+The hot path stays off the store: Heartbeat, and the registration check and heartbeat
+of SyncAgentStates and ReportMetrics, are answered from ``liveness.NodeTable``, which
+writes heartbeats behind in batches and knows each node's desired generation.
+
+Node status is derived here and nowhere else: Ready while the last heartbeat (stored,
+or seen by this replica and not yet stored) is younger than
+``nodes.not_ready_after_s``, else NotReady; agents of a NotReady node are shown with
+phase UNKNOWN (never "stopped": the Manager does not know). ``Readiness``
 turns status changes into NodeReady / NodeNotReady events and feeds a gauge;
 ``EventLog`` stores events and wakes ``WatchEvents`` streams of this process.
 
@@ -42,6 +47,7 @@ from reconciler.convert import (
     wall_seconds,
 )
 from reconciler.manager.agentset import check_labels
+from reconciler.manager.liveness import NodeTable
 from reconciler.manager.records import (
     EventRecord,
     MetricPointRecord,
@@ -98,7 +104,11 @@ class NodeStatus(enum.StrEnum):
 
 def node_status(node: NodeRecord, *, now: float, not_ready_after_s: float) -> NodeStatus:
     """Ready while the node heartbeated within ``not_ready_after_s``."""
-    if now - node.last_heartbeat_at < not_ready_after_s:
+    return _status_at(node.last_heartbeat_at, now=now, not_ready_after_s=not_ready_after_s)
+
+
+def _status_at(last_heartbeat_at: float, *, now: float, not_ready_after_s: float) -> NodeStatus:
+    if now - last_heartbeat_at < not_ready_after_s:
         return NodeStatus.READY
     return NodeStatus.NOT_READY
 
@@ -242,27 +252,34 @@ def _event(
 
 class Readiness:
     """Notices nodes turning NotReady (by sweeping) and Ready again (on heartbeats),
-    records an event for each change, and reports the count per status."""
+    records an event for each change, and reports the count per status. Heartbeat
+    times come from the ``NodeTable``: the store's, or newer ones seen here."""
 
     def __init__(
         self,
-        store: ManagerStore,
+        table: NodeTable,
         events: EventLog,
         *,
         not_ready_after_s: float,
         clock: Clock = time.time,
         on_counts: Callable[[Mapping[NodeStatus, int]], None] | None = None,
     ) -> None:
-        self._store = store
+        self._table = table
         self._events = events
         self._after_s = not_ready_after_s
         self._clock = clock
         self._on_counts = on_counts
         self._last: dict[str, NodeStatus] = {}
 
+    def latest(self, node: NodeRecord) -> NodeRecord:
+        """``node`` with the newest heartbeat seen here, maybe not yet stored."""
+        return self._table.overlay(node)
+
     def status(self, node: NodeRecord) -> NodeStatus:
         """The node's status now."""
-        return node_status(node, now=self._clock(), not_ready_after_s=self._after_s)
+        return node_status(
+            self._table.overlay(node), now=self._clock(), not_ready_after_s=self._after_s
+        )
 
     async def heartbeat(self, node_id: str) -> None:
         """A heartbeat arrived: a node seen NotReady is Ready again."""
@@ -275,22 +292,22 @@ class Readiness:
 
     async def sweep(self) -> None:
         """Compare every node's status with the last sweep; record the changes."""
-        nodes = await self._store.list_nodes()
+        await self._table.refresh()
+        beats = self._table.last_heartbeats()
+        now = self._clock()
         counts = dict.fromkeys(NodeStatus, 0)
         changes: list[EventRecord] = []
-        now = self._clock()
-        for node in nodes:
-            status = node_status(node, now=now, not_ready_after_s=self._after_s)
+        for node_id, last_at in beats.items():
+            status = _status_at(last_at, now=now, not_ready_after_s=self._after_s)
             counts[status] += 1
-            before = self._last.get(node.node_id)
-            self._last[node.node_id] = status
+            before = self._last.get(node_id)
+            self._last[node_id] = status
             if status is NodeStatus.NOT_READY and before is NodeStatus.READY:
-                silent = now - node.last_heartbeat_at
-                message = f"node {node.node_id} is NotReady: no heartbeat for {silent:.0f}s"
+                message = f"node {node_id} is NotReady: no heartbeat for {now - last_at:.0f}s"
                 changes.append(
-                    _event(EventType.NODE_NOT_READY, now=now, node_id=node.node_id, message=message)
+                    _event(EventType.NODE_NOT_READY, now=now, node_id=node_id, message=message)
                 )
-        for gone in set(self._last) - {node.node_id for node in nodes}:
+        for gone in [node_id for node_id in self._last if node_id not in beats]:
             del self._last[gone]
         await self._events.add(changes)
         if self._on_counts is not None:
@@ -319,10 +336,12 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
         pusher: PushRequester,
         events: EventLog,
         readiness: Readiness,
+        table: NodeTable,
         tls_enabled: bool = False,
         clock: Clock = time.time,
     ) -> None:
         self._store = store
+        self._table = table
         self._settings = settings
         self._replanner = replanner
         self._pusher = pusher
@@ -336,11 +355,9 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
         require_node(context, node_id, tls_enabled=self._tls_enabled)
         return node_id
 
-    async def _registered(self, node_id: str) -> NodeRecord:
-        node = await self._store.get_node(node_id)
-        if node is None:
+    async def _registered(self, node_id: str) -> None:
+        if await self._table.desired_generation(node_id) is None:
             raise NotRegistered(node_id)
-        return node
 
     async def RegisterNode(
         self, request: manager_pb2.RegisterNodeRequest, context: Context
@@ -361,6 +378,7 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
             observed_generation=request.observed_generation,
         )
         stored = await self._store.upsert_node(node)
+        self._table.registered(stored)
         message = f"node {node_id} registered (daemon {node.daemon_address or 'not callable'})"
         await self._events.add(
             [_event(EventType.NODE_REGISTERED, now=now, node_id=node_id, message=message)]
@@ -378,16 +396,16 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
     ) -> manager_pb2.HeartbeatResponse:
         node_id = self._caller_is(context, request.node_id)
         now = self._clock()
-        node = await self._store.record_heartbeat(
+        generation = await self._table.beat(
             node_id,
             at=now,
             current_generation=request.current_generation,
             observed_generation=request.observed_generation,
         )
-        response = manager_pb2.HeartbeatResponse(known=node is not None)
+        response = manager_pb2.HeartbeatResponse(known=generation is not None)
         response.server_time.CopyFrom(timestamp(now))
-        if node is not None:
-            response.desired_generation = node.desired_generation
+        if generation is not None:
+            response.desired_generation = generation
             await self._readiness.heartbeat(node_id)
         return response
 
@@ -411,17 +429,17 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
         await self._registered(node_id)
         await self._store.put_observed(node_id, observed)
         await self._events.add(events)
-        node = await self._store.record_heartbeat(
+        generation = await self._table.beat(
             node_id,
             at=now,
             current_generation=request.current_generation,
             observed_generation=request.observed_generation,
         )
-        if node is None:
+        if generation is None:
             raise NotRegistered(node_id)
         await self._readiness.heartbeat(node_id)
         return manager_pb2.SyncAgentStatesResponse(
-            desired_generation=node.desired_generation, accepted_events=len(events)
+            desired_generation=generation, accepted_events=len(events)
         )
 
     async def GetDesiredState(

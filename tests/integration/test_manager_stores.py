@@ -84,6 +84,17 @@ async def test_a_restarted_manager_keeps_nodes_sets_and_generations(
         assert not again.changed
 
 
+async def test_a_stopping_manager_writes_the_heartbeats_it_queued(
+    settings: ManagerSettings,
+) -> None:
+    async with running_manager(settings) as manager:
+        await manager.register("n1")
+        request = manager_pb2.HeartbeatRequest(node_id="n1", observed_generation=7)
+        await manager.nodes.Heartbeat(request, timeout=10)
+    async with running_manager(settings) as manager:
+        assert (await manager.node("n1")).observed_generation == 7
+
+
 async def test_two_managers_on_one_database_serve_one_fleet(settings: ManagerSettings) -> None:
     async with (
         running_manager(settings) as first,
@@ -92,8 +103,13 @@ async def test_two_managers_on_one_database_serve_one_fleet(settings: ManagerSet
     ):
         await second.register("n1", daemon=daemon)
         await first.apply(agent_set("all", "a", "b"))
-        beat = await second.nodes.Heartbeat(manager_pb2.HeartbeatRequest(node_id="n1"), timeout=10)
-        assert beat.desired_generation == 1
+
+        async def second_answers_generation_1() -> bool:
+            request = manager_pb2.HeartbeatRequest(node_id="n1")
+            beat = await second.nodes.Heartbeat(request, timeout=10)
+            return bool(beat.known and beat.desired_generation == 1)
+
+        await until(second_answers_generation_1, what="generation 1 in the other's answers")
         pulled = await second.nodes.GetDesiredState(
             manager_pb2.GetDesiredStateRequest(node_id="n1"), timeout=10
         )

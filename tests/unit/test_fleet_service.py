@@ -277,6 +277,43 @@ async def test_a_heartbeat_from_an_unknown_node_answers_known_false(manager: Man
     assert beat.server_time.seconds > 0
 
 
+async def test_a_heartbeat_reaches_the_store_behind_its_answer(tmp_path: Path) -> None:
+    store = MemoryStore()
+    async with running_manager(manager_settings(tmp_path), store=store) as manager:
+        await manager.register("n1")
+        registered = await store.get_node("n1")
+        assert registered is not None
+        request = manager_pb2.HeartbeatRequest(node_id="n1", current_generation=0)
+        await manager.nodes.Heartbeat(request, timeout=5)
+
+        async def stored() -> bool:
+            node = await store.get_node("n1")
+            return node is not None and node.last_heartbeat_at > registered.last_heartbeat_at
+
+        await until(stored, what="n1's heartbeat in the store")
+
+
+async def test_a_heartbeat_is_answered_while_the_store_is_down_and_stored_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    async with running_manager(manager_settings(tmp_path), store=store) as manager:
+        await manager.register("n1")
+        await manager.apply(agent_set("all", "a"))
+        store.set_available(False)
+        beat = await manager.nodes.Heartbeat(
+            manager_pb2.HeartbeatRequest(node_id="n1", current_generation=1), timeout=5
+        )
+        assert (beat.known, beat.desired_generation) == (True, 1)
+        store.set_available(True)
+
+        async def stored() -> bool:
+            node = await store.get_node("n1")
+            return node is not None and node.current_generation == 1
+
+        await until(stored, what="the heartbeat written after the outage")
+
+
 async def test_re_registering_keeps_the_identity_and_desired_generation(manager: Manager) -> None:
     first = await manager.register("n1")
     await manager.apply(agent_set("all", "a"))
