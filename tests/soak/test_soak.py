@@ -116,7 +116,7 @@ def metrics(daemon: DaemonProcess) -> dict[str, float]:
 def sample(daemon: DaemonProcess, started_s: float) -> Sample:
     assert daemon.proc is not None
     process = psutil.Process(daemon.proc.pid)
-    zombies = sum(1 for child in process.children() if child.status() == psutil.STATUS_ZOMBIE)
+    zombies = sum(1 for child in process.children() if is_zombie(child))
     gauges = metrics(daemon)
     return Sample(
         at_s=time.monotonic() - started_s,
@@ -127,6 +127,13 @@ def sample(daemon: DaemonProcess, started_s: float) -> Sample:
         connections=gauges.get("reconciler_heartbeat_connections_open", 0.0),
         queue=gauges.get("reconciler_workqueue_depth", 0.0),
     )
+
+
+def is_zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # reaped between listing and looking: not a zombie
+        return False
 
 
 def token_of(pid: int) -> str:
