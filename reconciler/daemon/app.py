@@ -171,12 +171,13 @@ class DaemonApp:
             # deadline runs from its adoption, and it can only meet it once the
             # socket is there (starting up on a busy host takes seconds).
             await self._start_heartbeats()
-            await self.controller.start()
+            await self.controller.start(run=False)
             self._closers.append(self._stop_controller)
             self._tasks.append(asyncio.create_task(self.monitor.run()))
             self._tasks.append(asyncio.create_task(self._rotate_logs()))
             await self._start_grpc()
             await self._start_metrics()
+            self.controller.run()
             self._start_manager_link()
         except BaseException:
             await self.stop()

@@ -261,8 +261,12 @@ class Controller:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load the durable state, adopt live agents, and start the workers."""
+    async def start(self, *, run: bool = True) -> None:
+        """Load the durable state, adopt live agents, and (``run``) start the workers.
+
+        With ``run=False`` the caller starts them with ``run`` once the rest of the
+        daemon is up (``DaemonApp`` does, after its servers started).
+        """
         self._supervisor.set_exit_callback(self._on_process_exit)
         loaded = self._store.load()
         if loaded.corrupt is not None:
@@ -276,6 +280,16 @@ class Controller:
         self._overrides = self._store.load_overrides()
         self._adopt(self._store.load_processes())
         await self._stop_unrecorded()
+        if run:
+            self.run()
+
+    def run(self) -> None:
+        """Start reconciling: the workers, the processes file writer, a pass per agent.
+
+        Adopted agents could not be heard while the daemon was away or starting (its
+        loop busy, its sockets not yet read), so their heartbeat deadlines start now.
+        """
+        self._restart_heartbeat_deadlines()
         for _ in range(self._worker_count):
             self._spawn(self._work())
         self._spawn(self._write_processes())
@@ -945,6 +959,14 @@ class Controller:
                 reason="Adopted",
                 message=f"pid {handle.pid}",
             )
+
+    def _restart_heartbeat_deadlines(self) -> None:
+        now = self._clock.monotonic()
+        for agent_id, record in self._records.items():
+            if record.alive and record.last_heartbeat_s is not None:
+                self._records[agent_id] = replace(
+                    record, last_heartbeat_s=max(record.last_heartbeat_s, now)
+                )
 
     async def _stop_unrecorded(self) -> None:
         """Stop agent processes a previous daemon spawned but never recorded.
