@@ -9,7 +9,7 @@ Faults of the daemon alone (``STANDALONE``):
 - ``daemon-failpoint:<name>``: the daemon restarts with ``<name>=kill`` and is given a
   change that reaches the point; it dies there (SIGKILL from inside), restarts clean.
 - ``daemon-kill``: SIGKILL at a random moment within 0.3 s of a pushed change.
-- ``agent-kill``, ``agent-pause`` (SIGSTOP for 0.2-3 s, then SIGCONT),
+- ``agent-kill``, ``agent-pause`` (SIGSTOP for 0.2-8 s, then SIGCONT),
   ``agent-fork-exit`` (the forking agent forks two grandchildren and exits).
 - ``disk-full``: the state tmpfs filled to ENOSPC while a change arrives; freed.
 - ``fsync-eio``: strace makes every fsync fail with EIO while a change arrives.
@@ -151,7 +151,7 @@ def agent_pause(run: Scenario) -> None:
     kept = run.healthy(exclude={agent_id})
     kill(pid, signal.SIGSTOP)
     try:
-        run.watch(run.rng.uniform(0.2, 3.0))
+        run.watch(run.rng.uniform(0.2, 8.0))
     finally:
         kill(pid, signal.SIGCONT)
     run.cleared("agent-pause", touched={agent_id}, kept=kept)

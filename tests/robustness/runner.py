@@ -68,7 +68,7 @@ FORKING = Path(__file__).resolve().parent / "agents" / "forking.py"
 PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
 
 HEARTBEAT_INTERVAL_S = 0.5
-HEARTBEAT_TIMEOUT_S = 2.0
+HEARTBEAT_TIMEOUT_S = 6.0
 GRACE_S = 1.0
 #: The daemon's link to the Manager heartbeats this often (the Manager's view lag).
 LINK_HEARTBEAT_S = 1.0
