@@ -58,7 +58,7 @@ VALID_HEARTBEATS = st.fixed_dictionaries(
         "pid": st.integers(1, MAX_PID),
         "timestamp": st.floats(0, 1e15, allow_nan=False),
         "version": st.text(
-            st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"]),
+            st.characters(codec="utf-8", categories=["L", "N", "P", "S"], include_characters=" "),
             max_size=MAX_VERSION_CHARS,
         ),
         "status": st.sampled_from([str(status) for status in ReportedStatus]),
