@@ -33,6 +33,7 @@ from reconciler.cli.options import EXIT_FAILURE, CliError
 from reconciler.cli.version_cmd import version
 from reconciler.config import ConfigError
 from reconciler.logs import LogFormat, LogLevel, setup_logging
+from reconciler.model.errors import ReconcilerError
 
 __all__ = ["COMMANDS", "CliState", "ReconcilerGroup", "cli", "main"]
 
@@ -116,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 130
     except BrokenPipeError:
+        return EXIT_FAILURE
+    except (ReconcilerError, OSError) as exc:
+        # A refusal at start (an unsafe state directory, a port in use, ...): the
+        # message says what and where; no traceback.
+        click.echo(f"reconciler: {exc}", err=True)
         return EXIT_FAILURE
     except Exception as exc:
         _log.debug("unexpected error", exc_info=True)
