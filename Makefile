@@ -26,7 +26,7 @@ demo: $(STAMP) ## Run a Manager and a daemon for this host with the example agen
 
 test: $(STAMP) lint typecheck layers check-gen ## Run every check: lint, types, layers, proto drift, all tests
 	tools/test-services
-	$(BIN)/pytest -p no:cacheprovider tests
+	$(BIN)/pytest -p no:cacheprovider --durations=15 tests
 
 test-fast: $(STAMP) ## Unit tests only
 	$(BIN)/pytest -p no:cacheprovider tests/unit
