@@ -95,17 +95,19 @@ def rpc_error_line(error: grpc.aio.AioRpcError, *, address: str, peer: str = "th
     return f"{name}: {details}"
 
 
-class FleetClient:
-    """One channel to the Manager and a FleetService stub on it."""
+class _Client:
+    """One channel to ``address`` with the CLI's TLS flags, tracing from ``OTEL_*``,
+    and a stub made by ``_open`` (inside ``async with``)."""
 
     def __init__(
         self,
+        address: str,
         connection: ManagerConnection,
         *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        env: Mapping[str, str] = os.environ,
+        timeout_s: float,
+        env: Mapping[str, str],
     ) -> None:
-        self.address = resolve_manager_address(connection.manager, env=env).address
+        self.address = address
         self.timeout_s = timeout_s
         self._tls = tls.settings_from_files(
             connection.tls.ca_file, connection.tls.cert_file, connection.tls.key_file
@@ -113,9 +115,8 @@ class FleetClient:
         self._env = env
         self._tracing = telemetry.Tracing.disabled()
         self._channel: grpc.aio.Channel | None = None
-        self._fleet: fleet_pb2_grpc.FleetServiceAsyncStub | None = None
 
-    async def __aenter__(self) -> FleetClient:
+    async def _connect(self) -> grpc.aio.Channel:
         self._tracing = _open_tracing(self._env)
         self._channel = tls.secure_channel(
             self.address,
@@ -123,8 +124,7 @@ class FleetClient:
             options=channel_options(),
             interceptors=telemetry.client_interceptors(self._tracing),
         )
-        self._fleet = fleet_pb2_grpc.FleetServiceStub(self._channel)
-        return self
+        return self._channel
 
     async def __aexit__(
         self,
@@ -137,6 +137,25 @@ class FleetClient:
             self._channel = None
         await _close_tracing(self._tracing)
 
+
+class FleetClient(_Client):
+    """One channel to the Manager and a FleetService stub on it."""
+
+    def __init__(
+        self,
+        connection: ManagerConnection,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        env: Mapping[str, str] = os.environ,
+    ) -> None:
+        address = resolve_manager_address(connection.manager, env=env).address
+        super().__init__(address, connection, timeout_s=timeout_s, env=env)
+        self._fleet: fleet_pb2_grpc.FleetServiceAsyncStub | None = None
+
+    async def __aenter__(self) -> FleetClient:
+        self._fleet = fleet_pb2_grpc.FleetServiceStub(await self._connect())
+        return self
+
     @property
     def fleet(self) -> fleet_pb2_grpc.FleetServiceAsyncStub:
         """The FleetService stub (inside ``async with``)."""
@@ -145,7 +164,7 @@ class FleetClient:
         return self._fleet
 
 
-class DaemonClient:
+class DaemonClient(_Client):
     """One channel to a daemon (``--daemon ADDR``: host:port or unix:PATH) and a
     DaemonService stub on it, with the same TLS flags as the Manager's."""
 
@@ -157,37 +176,12 @@ class DaemonClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         env: Mapping[str, str] = os.environ,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._tls = tls.settings_from_files(
-            connection.tls.ca_file, connection.tls.cert_file, connection.tls.key_file
-        )
-        self._env = env
-        self._tracing = telemetry.Tracing.disabled()
-        self._channel: grpc.aio.Channel | None = None
+        super().__init__(address, connection, timeout_s=timeout_s, env=env)
         self._daemon: daemon_pb2_grpc.DaemonServiceAsyncStub | None = None
 
     async def __aenter__(self) -> DaemonClient:
-        self._tracing = _open_tracing(self._env)
-        self._channel = tls.secure_channel(
-            self.address,
-            self._tls,
-            options=channel_options(),
-            interceptors=telemetry.client_interceptors(self._tracing),
-        )
-        self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+        self._daemon = daemon_pb2_grpc.DaemonServiceStub(await self._connect())
         return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-        await _close_tracing(self._tracing)
 
     @property
     def daemon(self) -> daemon_pb2_grpc.DaemonServiceAsyncStub:
