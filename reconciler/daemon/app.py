@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from reconciler.daemon.monitor import ResourceMonitor, ResourcePoint
 from reconciler.daemon.service import DaemonService
 from reconciler.daemon.store import DesiredStateStore
 from reconciler.daemon.supervisor import ProcessSupervisor
+from reconciler.lifecycle import run_until_signalled
 from reconciler.model.ids import AgentId, NodeId
 from reconciler.reconcile import Policy
 
@@ -415,13 +415,4 @@ def _remove_stale_socket(path: str) -> None:
 async def run_daemon(settings: DaemonSettings, *, allow_any_command: bool = False) -> None:
     """Run a daemon until SIGTERM or SIGINT."""
     app = DaemonApp(settings, allow_any_command=allow_any_command)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await app.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping the daemon")
-        await app.stop()
+    await run_until_signalled(app, name="daemon")

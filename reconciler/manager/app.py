@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from reconciler import __version__, rpc, telemetry, tls
 from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
 from reconciler.config import ConfigError, ManagerSettings, TlsMode, parse_host_port
+from reconciler.lifecycle import run_until_signalled
 from reconciler.manager.fleet import FleetChanges, FleetServicer
 from reconciler.manager.liveness import NodeTable, flush_interval_for
 from reconciler.manager.push import DaemonChannels, Pusher, PushResult, RetryPolicy
@@ -351,13 +351,4 @@ class ManagerApp:
 async def run_manager(settings: ManagerSettings) -> None:
     """Run a Manager until SIGTERM or SIGINT."""
     app = ManagerApp(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await app.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping the manager")
-        await app.stop()
+    await run_until_signalled(app, name="manager")
