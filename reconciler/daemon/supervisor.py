@@ -194,9 +194,6 @@ class _ChildReaper:
     supervisors: list[ProcessSupervisor] = field(default_factory=list)
     loops: dict[asyncio.AbstractEventLoop, int] = field(default_factory=dict)
     subreaper_users: int = 0
-    spawning: int = 0
-    """Spawns in flight on worker threads: their children exist before they are
-    tracked, so nothing untracked is reaped until every spawn is tracked."""
 
     def join(self, supervisor: ProcessSupervisor, loop: asyncio.AbstractEventLoop) -> None:
         self.supervisors.append(supervisor)
@@ -229,8 +226,6 @@ class _ChildReaper:
         return self._reap(deferred=False)
 
     def _reap(self, *, deferred: bool) -> int:
-        if self.spawning:
-            return 0  # the last spawn to finish reaps again
         reaped = 0
         for _ in range(_MAX_REAPS_PER_SIGNAL):
             try:
@@ -319,21 +314,11 @@ class ProcessSupervisor:
             log_fd = self.logs.open_for_append(spec.id)
         except OSError as error:
             raise SpawnError(f"cannot open the log file of {spec.id}: {error}") from None
-        # fork+exec and the first read of /proc/PID/stat wait on the kernel, not on
-        # Python: on a worker thread, starts of several agents overlap.
-        _REAPER.spawning += 1
         try:
-            try:
-                pid, start_ticks = await asyncio.to_thread(
-                    _spawn, argv, cwd=cwd, env=environ, user=user, log_fd=log_fd
-                )
-            finally:
-                os.close(log_fd)
-            return self._track_spawned(spec.id, pid, start_ticks, argv, loop)
+            pid = _spawn(argv, cwd=cwd, env=environ, user=user, log_fd=log_fd)
         finally:
-            _REAPER.spawning -= 1
-            if not _REAPER.spawning:
-                loop.call_soon(_REAPER.reap)
+            os.close(log_fd)
+        return self._track_spawned(spec.id, pid, argv, loop)
 
     async def stop(self, handle: ProcessHandle, *, grace_s: float) -> None:
         """SIGTERM the group and descendants, SIGKILL after ``grace_s``; return once gone."""
@@ -457,14 +442,11 @@ class ProcessSupervisor:
         return cwd
 
     def _track_spawned(
-        self,
-        agent_id: AgentId,
-        pid: int,
-        start_ticks: int,
-        argv: tuple[str, ...],
-        loop: asyncio.AbstractEventLoop,
+        self, agent_id: AgentId, pid: int, argv: tuple[str, ...], loop: asyncio.AbstractEventLoop
     ) -> ProcessHandle:
-        handle = ProcessHandle(agent_id, pid, start_ticks, argv)
+        # The child is unreaped, so its /proc entry exists even if it already exited.
+        stat = procfs.read_stat(pid)
+        handle = ProcessHandle(agent_id, pid, stat.start_ticks if stat else 0, argv)
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as error:
@@ -660,9 +642,7 @@ def _home(user: _User | None) -> str:
 
 def _spawn(
     argv: tuple[str, ...], *, cwd: str, env: Mapping[str, str], user: _User | None, log_fd: int
-) -> tuple[int, int]:
-    """Start the process; return its pid and start ticks (its /proc entry stays until it
-    is reaped, which waits for it to be tracked)."""
+) -> int:
     switch = user is not None and not user.is_self
     try:
         process = subprocess.Popen(
@@ -690,8 +670,7 @@ def _spawn(
     # Disown: the pidfd reader reaps this child. A Popen left with returncode None
     # would warn in __del__ and queue the pid for its own waitpid, stealing the status.
     process.returncode = 0
-    stat = procfs.read_stat(process.pid)
-    return process.pid, stat.start_ticks if stat else 0
+    return process.pid
 
 
 def _reap_pid(pid: int) -> int:
