@@ -187,6 +187,8 @@ class NodeProcess:
 
 
 NODE_ID_ENV = "RECONCILER_NODE_ID"
+#: Scans for an exited agent's leftovers before giving up on one that keeps changing.
+_LEFTOVER_ROUNDS = 3
 
 
 def scan_node_processes(node_id: NodeId) -> list[NodeProcess]:
@@ -808,30 +810,38 @@ class Controller:
         instance never runs beside its predecessor's remains. The scan runs on the loop,
         as the supervisor's stop does (a few milliseconds, and only when an agent starts
         again after an exit), so a restart is not put behind the thread pool.
+
+        A leftover may exec while it is being found (its command line then no longer
+        matches the scan, and adoption refuses it), so the scan repeats until it finds
+        nothing, a few rounds at most.
         """
-        live = {handle.pid for handle in self._handles.values()}
-        found = self._scan(self.node_id)
-        leftovers = []
-        for process in found:
-            if process.agent_id != agent_id or process.pid in live:
-                continue
-            handle = self._supervisor.adopt(
-                agent_id, pid=process.pid, start_ticks=process.start_ticks, cmdline=process.cmdline
-            )
-            if handle is not None:
-                leftovers.append(handle)
-        if not leftovers:
-            return
-        log.info(
-            "stopping %d processes an earlier instance left behind",
-            len(leftovers),
-            extra={"agent_id": agent_id},
-        )
         grace_s = self._stray_grace(agent_id)
-        await asyncio.gather(
-            *(self._supervisor.stop(h, grace_s=grace_s) for h in leftovers),
-            return_exceptions=True,
-        )
+        for _ in range(_LEFTOVER_ROUNDS):
+            live = {handle.pid for handle in self._handles.values()}
+            found = [
+                p for p in self._scan(self.node_id) if p.agent_id == agent_id and p.pid not in live
+            ]
+            if not found:
+                return
+            leftovers = [
+                handle
+                for p in found
+                if (
+                    handle := self._supervisor.adopt(
+                        agent_id, pid=p.pid, start_ticks=p.start_ticks, cmdline=p.cmdline
+                    )
+                )
+                is not None
+            ]
+            log.info(
+                "stopping %d processes an earlier instance left behind",
+                len(leftovers),
+                extra={"agent_id": agent_id},
+            )
+            await asyncio.gather(
+                *(self._supervisor.stop(h, grace_s=grace_s) for h in leftovers),
+                return_exceptions=True,
+            )
 
     def _spawn_env(self, spec: AgentSpec, token: str) -> dict[str, str]:
         env = dict(self._agent_env)
