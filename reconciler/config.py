@@ -851,11 +851,14 @@ def _range_problem(
 ) -> Iterator[tuple[str, str]]:
     floor = metadata.get("minimum")
     ceiling = metadata.get("maximum") or (MAX_INTEGER if tp is int else MAX_DURATION_S)
-    if floor is None and tp is float and not value > 0:
-        yield key, f"must be greater than 0, got {value}"
+    if tp is float and floor is None:
+        if not value > 0:
+            yield key, f"must be greater than 0, got {value}"
+            return
     elif value < (1 if floor is None else floor):
         yield key, f"must be at least {1 if floor is None else floor}, got {value}"
-    elif value > ceiling:
+        return
+    if value > ceiling:
         yield key, f"must be at most {ceiling}, got {value}"
 
 

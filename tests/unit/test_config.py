@@ -606,3 +606,11 @@ def test_every_setting_is_documented_and_in_the_example(cls: type) -> None:
     for key in _dotted_keys(cls):
         assert f"`{key}`" in docs, key
         assert f"{key.rpartition('.')[2]}:" in example, key
+
+
+def test_a_duration_below_one_second_is_accepted() -> None:
+    settings = load_daemon_settings(
+        None, env={}, overrides=["backoff.initial_s=0.2", "manager.heartbeat_interval_s=0.5"]
+    )
+    assert settings.backoff.initial_s == 0.2
+    assert settings.manager.heartbeat_interval_s == 0.5
