@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,15 +197,17 @@ def scan_node_processes(node_id: NodeId) -> list[NodeProcess]:
     return _node_processes(node_id, procfs.scan())
 
 
-def orphaned_node_processes(node_id: NodeId) -> list[NodeProcess]:
+def orphaned_node_processes(node_id: NodeId, *, exclude: Set[int]) -> list[NodeProcess]:
     """The processes of ``node_id``'s agents that this daemon inherited.
 
     The daemon is a child subreaper: when an agent exits, the children it leaves are
     re-parented to the daemon. So an exited agent's leftovers are among the daemon's
     own children, found without reading every process's environment (a full scan
-    costs ~0.1 ms per process, too much on every restart of a node with 1,000 agents).
+    costs ~0.1 ms per process, too much on every restart of a node with 1,000 agents);
+    ``exclude`` skips the pids the daemon already tracks (its live agents).
     """
-    stats = (procfs.read_stat(pid) for pid in procfs.children_of(os.getpid()))
+    children = [pid for pid in procfs.children_of(os.getpid()) if pid not in exclude]
+    stats = (procfs.read_stat(pid) for pid in children)
     return _node_processes(node_id, [s for s in stats if s is not None])
 
 
@@ -239,7 +241,7 @@ class Controller:
         tracker: ResourceTracker | None = None,
         workers: int = 4,
         scan: Callable[[NodeId], Sequence[NodeProcess]] = scan_node_processes,
-        orphans: Callable[[NodeId], Sequence[NodeProcess]] = orphaned_node_processes,
+        orphans: Callable[..., Sequence[NodeProcess]] = orphaned_node_processes,
     ) -> None:
         self.node_id = node_id
         self._store = store
@@ -838,11 +840,7 @@ class Controller:
         grace_s = self._stray_grace(agent_id)
         for _ in range(_LEFTOVER_ROUNDS):
             live = {handle.pid for handle in self._handles.values()}
-            found = [
-                p
-                for p in self._orphans(self.node_id)
-                if p.agent_id == agent_id and p.pid not in live
-            ]
+            found = [p for p in self._orphans(self.node_id, exclude=live) if p.agent_id == agent_id]
             if not found:
                 return
             leftovers = [
