@@ -50,10 +50,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
-
 from reconciler.logs import LogFormat, LogLevel
 from reconciler.model.ids import is_valid_node_id
+from reconciler.safeyaml import YamlRefused, kind_of, load_documents
 
 __all__ = [
     "ENV_PREFIX",
@@ -449,80 +448,17 @@ _MANAGER_ONLY_KEYS: Final = frozenset({"store", "nodes", "push", "retention"})
 # ------------------------------------------------------------------------ safe YAML
 
 
-class _Refused(Exception):
-    """Raised inside the YAML loader; turned into a ConfigError by the caller."""
-
-    def __init__(self, problem: str, mark: Any) -> None:
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        super().__init__(f"{problem}{where}")
-
-
-def _short_tag(tag: str) -> str:
-    return tag.replace("tag:yaml.org,2002:", "!!")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses anchors, aliases, unknown tags, duplicate keys and deep
-    nesting while composing, before any object is constructed."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
-        _refuse_event(event, self.yaml_constructors)
-        self._depth += 1
-        try:
-            if self._depth > _MAX_NESTING:
-                raise _Refused(f"nesting deeper than {_MAX_NESTING} levels", event.start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
-        node = super().compose_mapping_node(anchor)
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if (key_node.tag, key_node.value) in seen:
-                    raise _Refused(f"duplicate key {key_node.value!r}", key_node.start_mark)
-                seen.add((key_node.tag, key_node.value))
-        return node
-
-
-def _refuse_event(event: yaml.Event, constructors: Mapping[Any, Any]) -> None:
-    if isinstance(event, yaml.AliasEvent):
-        raise _Refused(f"YAML aliases are not allowed (*{event.anchor})", event.start_mark)
-    anchor = getattr(event, "anchor", None)
-    if anchor is not None:
-        raise _Refused(f"YAML anchors are not allowed (&{anchor})", event.start_mark)
-    tag = getattr(event, "tag", None)
-    if tag not in (None, "!") and tag not in constructors:
-        raise _Refused(f"YAML tag {_short_tag(tag)} is not allowed", event.start_mark)
-
-
 def _parse_yaml(text: str, *, origin: str, file: str | None) -> Any:
     """One safe YAML document from ``text``; a ConfigError for anything else."""
     try:
-        loader = _StrictLoader(text)
-    except yaml.reader.ReaderError as exc:  # a control character, found before parsing
-        problem = f"not valid YAML: character #x{exc.character:04x} at offset {exc.position}"
-        raise ConfigError(problem, origin=origin, file=file) from None
-    try:
-        return loader.get_single_data()
-    except _Refused as exc:
+        documents = load_documents(text, max_nesting=_MAX_NESTING, standard_tags=True)
+    except YamlRefused as exc:
         raise ConfigError(str(exc), origin=origin, file=file) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    if len(documents) > 1:
         raise ConfigError(
-            f"not valid YAML: {exc.problem}{where}", origin=origin, file=file
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", origin=origin, file=file) from None
-    finally:
-        loader.dispose()
+            "not valid YAML: expected a single document in the stream", origin=origin, file=file
+        )
+    return documents[0] if documents else None
 
 
 def _read_bounded(path: str) -> bytes:
@@ -581,7 +517,7 @@ def read_settings_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if document is None:
         return {}
     if not isinstance(document, dict):
-        problem = f"the top level must be a mapping of settings, not {_kind(document)}"
+        problem = f"the top level must be a mapping of settings, not {kind_of(document)}"
         raise ConfigError(problem, origin=name, file=name)
     return document
 
@@ -610,21 +546,6 @@ class _Origin:
 _DEFAULTS: Final = _Origin("default settings")
 
 
-def _kind(value: object) -> str:
-    """What a YAML value is, in words."""
-    kinds: list[tuple[type, str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a number"),
-        (str, "a string"),
-        (list, "a list"),
-        (dict, "a mapping"),
-    ]
-    if value is None:
-        return "null"
-    return next((name for cls, name in kinds if isinstance(value, cls)), type(value).__name__)
-
-
 def _expected(tp: Any) -> str:
     """What a field type accepts, in words."""
     if _is_enum(tp):
@@ -651,7 +572,7 @@ def _scalar_ok(tp: Any, value: object) -> bool:
 
 def _convert(tp: Any, value: object, key: str, origin: _Origin) -> object:
     """``value`` as the field type ``tp``, or a ConfigError naming ``key``."""
-    wrong = origin.error(key, f"expected {_expected(tp)}, got {_kind(value)}")
+    wrong = origin.error(key, f"expected {_expected(tp)}, got {kind_of(value)}")
     if _is_enum(tp):
         if not isinstance(value, str) or value not in {m.value for m in tp}:
             raise wrong
@@ -676,7 +597,7 @@ def _convert_mapping(value: object, key: str, origin: _Origin, wrong: ConfigErro
         raise wrong
     for item_key, item in value.items():
         if not isinstance(item_key, str):
-            raise origin.error(key, f"keys must be strings, got {_kind(item_key)}")
+            raise origin.error(key, f"keys must be strings, got {kind_of(item_key)}")
         _convert(str, item, f"{key}.{item_key}", origin)
     return types.MappingProxyType(dict(value))
 
@@ -708,7 +629,7 @@ def _apply(
     if raw is None:  # an empty section (every key commented out) keeps what it had
         return current
     if not isinstance(raw, dict):
-        raise origin.error(path or None, f"expected a mapping of settings, got {_kind(raw)}")
+        raise origin.error(path or None, f"expected a mapping of settings, got {kind_of(raw)}")
     hints = _hints(type(current))
     changes: dict[str, Any] = {}
     for key, value in raw.items():

@@ -32,8 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-import yaml
-
 from reconciler.api.agent.v1 import agent_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.convert import spec_from_proto
@@ -41,6 +39,7 @@ from reconciler.manager.plan import NodeSelector, SetDefinition
 from reconciler.model.errors import InvalidArgument, PermanentError
 from reconciler.model.ids import AgentId, is_valid_node_id
 from reconciler.model.spec import AgentSpec, HeartbeatSpec, validate_spec
+from reconciler.safeyaml import YamlRefused, kind_of, load_documents
 
 __all__ = [
     "API_VERSION",
@@ -133,65 +132,11 @@ class CheckedAgentSet:
 # ------------------------------------------------------------------------ safe YAML
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader refusing anchors, aliases, explicit tags, duplicate keys and deep
-    nesting while it composes, before any object is built."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
-        if isinstance(event, yaml.AliasEvent):
-            raise _refused(f"YAML aliases are not allowed (*{event.anchor})", event)
-        if getattr(event, "anchor", None) is not None:
-            raise _refused(f"YAML anchors are not allowed (&{event.anchor})", event)
-        if getattr(event, "tag", None) not in (None, "!"):
-            raise _refused(f"YAML tags are not allowed ({event.tag})", event)
-        self._depth += 1
-        try:
-            if self._depth > _MAX_NESTING:
-                raise _refused(f"nesting deeper than {_MAX_NESTING} levels", event)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
-        node = super().compose_mapping_node(anchor)
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in seen:
-                    raise _refused(f"duplicate key {key_node.value!r}", key_node)
-                seen.add(key_node.value)
-        return node
-
-
-def _refused(problem: str, marked: Any) -> yaml.YAMLError:
-    mark = marked.start_mark
-    return yaml.YAMLError(f"{problem} (line {mark.line + 1}, column {mark.column + 1})")
-
-
 def _documents(text: str, *, source: str) -> list[Any]:
     try:
-        loader = _StrictLoader(text)
-    except yaml.reader.ReaderError as exc:  # a control character, found before parsing
-        problem = f"not valid YAML: character #x{exc.character:04x} at offset {exc.position}"
-        raise AgentSetFileError(source, problem) from None
-    try:
-        documents = []
-        while loader.check_data():  # type: ignore[no-untyped-call]
-            documents.append(loader.get_data())
-        return documents
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise AgentSetFileError(source, f"not valid YAML: {exc.problem}{where}") from None
-    except yaml.YAMLError as exc:
-        raise AgentSetFileError(source, f"not safe YAML: {exc}") from None
-    finally:
-        loader.dispose()
+        return load_documents(text, max_nesting=_MAX_NESTING, standard_tags=False)
+    except YamlRefused as exc:
+        raise AgentSetFileError(source, str(exc)) from None
 
 
 def load_agent_set_file(path: str | os.PathLike[str]) -> list[fleet_pb2.AgentSet]:
@@ -241,25 +186,11 @@ def parse_agent_sets(text: str, *, source: str = "<input>") -> list[fleet_pb2.Ag
 # ------------------------------------------------------------- YAML -> message
 
 
-def _kind(value: object) -> str:
-    kinds: list[tuple[type, str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a number"),
-        (str, "a string"),
-        (list, "a list"),
-        (dict, "a mapping"),
-    ]
-    if value is None:
-        return "null"
-    return next((name for cls, name in kinds if isinstance(value, cls)), type(value).__name__)
-
-
 def _mapping(value: object, path: str, known: tuple[str, ...] | None = None) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidArgument(path or "(top level)", f"expected a mapping, got {_kind(value)}")
+        raise InvalidArgument(path or "(top level)", f"expected a mapping, got {kind_of(value)}")
     for key in value:
         if not isinstance(key, str):
             raise InvalidArgument(path or "(top level)", f"keys must be strings, got {key!r}")
@@ -271,7 +202,7 @@ def _mapping(value: object, path: str, known: tuple[str, ...] | None = None) -> 
 
 def _string(value: object, path: str) -> str:
     if not isinstance(value, str):
-        raise InvalidArgument(path, f"expected a string, got {_kind(value)}")
+        raise InvalidArgument(path, f"expected a string, got {kind_of(value)}")
     return value
 
 
@@ -279,7 +210,7 @@ def _strings(value: object, path: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise InvalidArgument(path, f"expected a list of strings, got {_kind(value)}")
+        raise InvalidArgument(path, f"expected a list of strings, got {kind_of(value)}")
     return [_string(item, f"{path}[{i}]") for i, item in enumerate(value)]
 
 
@@ -290,7 +221,7 @@ def _string_map(value: object, path: str) -> dict[str, str]:
 
 def _seconds(value: object, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(path, f"expected a number of seconds, got {_kind(value)}")
+        raise InvalidArgument(path, f"expected a number of seconds, got {kind_of(value)}")
     if not math.isfinite(value):
         raise InvalidArgument(path, "must be a finite number")
     return float(value)
@@ -319,7 +250,7 @@ def _json(value: object, path: str) -> Any:
         return [_json(item, f"{path}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, dict):
         return {key: _json(item, f"{path}.{key}") for key, item in _mapping(value, path).items()}
-    raise InvalidArgument(path, f"expected JSON data, got {_kind(value)} (quote it)")
+    raise InvalidArgument(path, f"expected JSON data, got {kind_of(value)} (quote it)")
 
 
 def _heartbeat(value: object, path: str, message: agent_pb2.HeartbeatSpec) -> None:
@@ -366,7 +297,7 @@ def _agent_set(document: object) -> fleet_pb2.AgentSet:
     selector = _mapping(spec.get("nodeSelector"), "spec.nodeSelector", _SELECTOR_KEYS)
     agents = spec.get("agents")
     if not isinstance(agents, list):
-        raise InvalidArgument("spec.agents", f"expected a list of agents, got {_kind(agents)}")
+        raise InvalidArgument("spec.agents", f"expected a list of agents, got {kind_of(agents)}")
     message = fleet_pb2.AgentSet(
         api_version=_string(raw.get("apiVersion", ""), "apiVersion"),
         kind=_string(raw.get("kind", ""), "kind"),
