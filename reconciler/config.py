@@ -312,7 +312,8 @@ class MonitorSettings:
     1,000 agents costs about 70 ms, off the event loop)."""
     retention_s: float = 3600.0
     """Seconds of samples kept for GetAgentMetrics; at least ``interval_s``. Default
-    3600.0 (one hour)."""
+    3600.0 (one hour). A sample costs 24 bytes per agent: one hour at 5 s is 17 KiB
+    per agent, 17 MiB for 1,000 agents."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -50,6 +50,7 @@ from reconciler.model.ids import AgentId
 __all__ = [
     "DEFAULT_INTERVAL_S",
     "DEFAULT_RETENTION_S",
+    "PointRing",
     "ProcSampler",
     "ResourceMonitor",
     "ResourcePoint",
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S: Final = 5.0
 DEFAULT_RETENTION_S: Final = 3600.0
+_MAX_MEMORY_BYTES: Final = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,65 @@ class TreeSampler(Protocol):
         ...
 
 
+class PointRing:
+    """The newest ``capacity`` points of one agent, kept as three columns of numbers.
+
+    Not a deque of ``ResourcePoint``: at the default one hour at 5 s, 1,000 agents hold
+    720,000 points, which as objects cost ~83 MiB and make every full garbage
+    collection walk them (~86 ms, a pause on the event loop); as ``array`` columns they
+    cost ~17 MiB and the collector walks three objects per agent. Points are built on
+    the way out.
+    """
+
+    __slots__ = ("_capacity", "_cpu", "_memory", "_next", "_time")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a ring holds at least one point, not {capacity}")
+        self._capacity = capacity
+        self._time = array("d")  # the columns grow to ``capacity``, then wrap
+        self._cpu = array("d")
+        self._memory = array("q")
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._time)
+
+    @property
+    def capacity(self) -> int:
+        """Points kept before the oldest is overwritten."""
+        return self._capacity
+
+    def append(self, point: ResourcePoint) -> None:
+        """Keep ``point`` as the newest, overwriting the oldest when full."""
+        memory = min(max(point.memory_bytes, 0), _MAX_MEMORY_BYTES)
+        if len(self._time) < self._capacity:
+            self._time.append(point.time_wall_s)
+            self._cpu.append(point.cpu_percent)
+            self._memory.append(memory)
+        else:
+            at = self._next
+            self._time[at] = point.time_wall_s
+            self._cpu[at] = point.cpu_percent
+            self._memory[at] = memory
+        self._next = (self._next + 1) % self._capacity
+
+    def latest(self) -> ResourcePoint | None:
+        """The newest point, if any."""
+        return self._point(self._next - 1) if self._time else None
+
+    def since(self, since_wall_s: float) -> list[ResourcePoint]:
+        """The points taken at or after ``since_wall_s``, oldest first."""
+        size = len(self._time)
+        oldest = self._next if size == self._capacity else 0
+        order = ((oldest + step) % size for step in range(size))
+        return [self._point(at) for at in order if self._time[at] >= since_wall_s]
+
+    def _point(self, at: int) -> ResourcePoint:
+        at %= len(self._time)
+        return ResourcePoint(self._time[at], self._cpu[at], self._memory[at])
+
+
 def buffer_capacity(*, interval_s: float, retention_s: float) -> int:
     """Points kept per agent: enough for ``retention_s`` at one point per ``interval_s``."""
     if not (interval_s > 0 and math.isfinite(interval_s)):
@@ -129,7 +190,7 @@ class ResourceMonitor:
         self._sampler: TreeSampler = sampler if sampler is not None else ProcSampler()
         self._on_sample = on_sample
         self._roots: dict[AgentId, TreeRoot] = {}
-        self._buffers: dict[AgentId, deque[ResourcePoint]] = {}
+        self._buffers: dict[AgentId, PointRing] = {}
         self.sweeps = 0
         self.errors = 0
 
@@ -157,13 +218,13 @@ class ResourceMonitor:
 
     def points(self, agent_id: AgentId, *, since_wall_s: float) -> list[ResourcePoint]:
         """The points of ``agent_id`` taken at or after ``since_wall_s``, oldest first."""
-        buffer = self._buffers.get(agent_id, ())
-        return [point for point in buffer if point.time_wall_s >= since_wall_s]
+        ring = self._buffers.get(agent_id)
+        return ring.since(since_wall_s) if ring is not None else []
 
     def latest(self, agent_id: AgentId) -> ResourcePoint | None:
         """The newest point of ``agent_id``, if any."""
-        buffer = self._buffers.get(agent_id)
-        return buffer[-1] if buffer else None
+        ring = self._buffers.get(agent_id)
+        return ring.latest() if ring is not None else None
 
     async def run(self) -> None:
         """Sweep every ``interval_s`` until cancelled."""
@@ -200,11 +261,11 @@ class ResourceMonitor:
             latest[agent_id] = point
         return latest
 
-    def _buffer(self, agent_id: AgentId) -> deque[ResourcePoint]:
-        buffer = self._buffers.get(agent_id)
-        if buffer is None:
-            buffer = self._buffers[agent_id] = deque(maxlen=self._capacity)
-        return buffer
+    def _buffer(self, agent_id: AgentId) -> PointRing:
+        ring = self._buffers.get(agent_id)
+        if ring is None:
+            ring = self._buffers[agent_id] = PointRing(self._capacity)
+        return ring
 
     def _report(self, latest: Mapping[AgentId, ResourcePoint]) -> None:
         if self._on_sample is None or not latest:

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reconciler.daemon.clock import FakeClock, SystemClock
 from reconciler.daemon.monitor import (
+    PointRing,
     ProcSampler,
     ResourceMonitor,
     ResourcePoint,
@@ -118,6 +123,49 @@ async def test_the_ring_buffer_keeps_only_the_newest_points(
     points = monitor.points(A, since_wall_s=0.0)
     assert monitor.capacity == 4
     assert [p.time_wall_s for p in points] == [clock.wall() - 5.0 * n for n in (4, 3, 2, 1)]
+
+
+_POINTS = st.lists(
+    st.builds(
+        ResourcePoint,
+        st.floats(0, 1e10, allow_nan=False),
+        st.floats(0, 1e4, allow_nan=False),
+        st.integers(0, 2**62),
+    ),
+    max_size=40,
+)
+
+
+@given(capacity=st.integers(1, 12), points=_POINTS, since=st.floats(0, 1e10, allow_nan=False))
+def test_a_point_ring_answers_like_a_bounded_deque(
+    capacity: int, points: list[ResourcePoint], since: float
+) -> None:
+    ring, model = PointRing(capacity), deque[ResourcePoint](maxlen=capacity)
+    for point in points:
+        ring.append(point)
+        model.append(point)
+        assert ring.latest() == model[-1]
+        assert len(ring) == len(model)
+    assert ring.since(0.0) == list(model)
+    assert ring.since(since) == [p for p in model if p.time_wall_s >= since]
+
+
+def test_a_point_ring_grows_as_points_come_and_adds_nothing_for_the_collector() -> None:
+    ring = PointRing(720)
+    assert len(ring) == 0
+    assert ring.latest() is None
+    assert ring.since(0.0) == []
+    ring.append(ResourcePoint(1.0, 2.0, -5))  # a negative reading is stored as 0
+    ring.append(ResourcePoint(2.0, 3.0, 2**70))  # and a huge one clamped, not an error
+    assert ring.since(0.0) == [ResourcePoint(1.0, 2.0, 0), ResourcePoint(2.0, 3.0, 2**63 - 1)]
+    assert ring.capacity == 720
+    assert len(ring) == 2
+    tracked = len(gc.get_objects())
+    for n in range(500):
+        ring.append(ResourcePoint(float(n), 1.0, n))
+    assert len(gc.get_objects()) <= tracked  # numbers in columns, not objects to walk
+    with pytest.raises(ValueError, match="at least one point"):
+        PointRing(0)
 
 
 async def test_points_are_filtered_by_their_wall_time(
