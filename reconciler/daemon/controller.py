@@ -427,13 +427,18 @@ class Controller:
         return ApplyOutcome(generation=resolved.generation, changed=True)
 
     def _resolve_commands(self, state: NodeDesiredState) -> NodeDesiredState:
-        specs = tuple(
-            replace(
-                spec, command=self._commands.resolve(spec.command, field=f"agents[{i}].command")
-            )
-            for i, spec in enumerate(state.agents)
-        )
-        return NodeDesiredState(state.generation, specs)
+        # A program that a thousand agents share is looked up and checked once.
+        checked: dict[str, str] = {}
+        specs = []
+        for i, spec in enumerate(state.agents):
+            path = checked.get(spec.command[0]) if spec.command else None
+            if path is None:
+                command = self._commands.resolve(spec.command, field=f"agents[{i}].command")
+                checked[spec.command[0]] = command[0]
+            else:
+                command = (path, *spec.command[1:])
+            specs.append(replace(spec, command=command))
+        return NodeDesiredState(state.generation, tuple(specs))
 
     def _set_desired(self, state: NodeDesiredState) -> None:
         self._desired = state
