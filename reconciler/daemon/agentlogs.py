@@ -58,9 +58,28 @@ class AgentLogs:
 
     def open_for_append(self, agent_id: AgentId) -> int:
         """A new descriptor on the live file (``O_APPEND``, close-on-exec); caller closes it."""
-        self.log_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-        return os.open(self.path_for(agent_id), flags, _FILE_MODE)
+        path = self.path_for(agent_id)
+        try:
+            return os.open(path, flags, _FILE_MODE)
+        except FileNotFoundError:  # the directory is made on first use
+            self.log_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            return os.open(path, flags, _FILE_MODE)
+
+    def open_for_start(self, agent_id: AgentId) -> int:
+        """``open_for_append``, rotating first when the live file reached ``max_bytes``.
+
+        One open and one ``fstat`` on an agent's start (a separate ``stat`` of a file
+        that does not exist yet costs an exception each time).
+        """
+        fd = self.open_for_append(agent_id)
+        try:
+            if os.fstat(fd).st_size >= self.max_bytes:
+                self.rotate(agent_id)  # the O_APPEND descriptor writes at the new end
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def size_bytes(self, agent_id: AgentId) -> int:
         """The live file's size; 0 when it does not exist."""

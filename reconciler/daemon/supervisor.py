@@ -310,8 +310,7 @@ class ProcessSupervisor:
         cwd = self._working_dir(spec)
         environ = _environment(spec, env, user)
         try:
-            self.logs.rotate_if_needed(spec.id)
-            log_fd = self.logs.open_for_append(spec.id)
+            log_fd = self.logs.open_for_start(spec.id)
         except OSError as error:
             raise SpawnError(f"cannot open the log file of {spec.id}: {error}") from None
         try:

@@ -545,6 +545,24 @@ def test_rotation_keeps_only_the_configured_number_of_backups(tmp_path: Path) ->
     assert not logs.rotate_if_needed(agent)
 
 
+def test_opening_for_a_start_rotates_a_full_file_and_appends_from_its_new_start(
+    tmp_path: Path,
+) -> None:
+    logs = AgentLogs(tmp_path / "logs", max_bytes=8, backups=1)
+    agent = AgentId("starting")
+    fd = logs.open_for_start(agent)  # makes the directory and an empty live file
+    os.write(fd, b"first run\n")
+    os.close(fd)
+    fd = logs.open_for_start(agent)
+    os.write(fd, b"second\n")
+    os.close(fd)
+    assert logs.backup_path(agent, 1).read_bytes() == b"first run\n"
+    assert logs.path_for(agent).read_bytes() == b"second\n"
+    fd = logs.open_for_start(agent)  # 7 bytes: under the limit, kept
+    os.close(fd)
+    assert logs.path_for(agent).read_bytes() == b"second\n"
+
+
 def test_log_files_are_private_and_named_only_for_valid_ids(tmp_path: Path) -> None:
     logs = AgentLogs(tmp_path / "logs", max_bytes=100, backups=0)
     fd = logs.open_for_append(AgentId("ok"))
