@@ -242,8 +242,10 @@ class Controller:
         workers: int = 4,
         scan: Callable[[NodeId], Sequence[NodeProcess]] = scan_node_processes,
         orphans: Callable[..., Sequence[NodeProcess]] = orphaned_node_processes,
+        boot_id: str | None = None,
     ) -> None:
         self.node_id = node_id
+        self._boot_id = procfs.boot_id() if boot_id is None else boot_id
         self._store = store
         self._supervisor = supervisor
         self._commands = commands
@@ -963,6 +965,13 @@ class Controller:
     def _adopt(self, processes: Mapping[AgentId, ProcessEntry]) -> None:
         now = self._clock.monotonic()
         for agent_id, saved in processes.items():
+            if saved.boot_id and saved.boot_id != self._boot_id:
+                log.info(
+                    "not adopting pid %d: recorded before the node rebooted",
+                    saved.pid,
+                    extra={"agent_id": agent_id},
+                )
+                continue
             handle = self._supervisor.adopt(
                 agent_id, pid=saved.pid, start_ticks=saved.start_ticks, cmdline=saved.cmdline
             )
@@ -1053,6 +1062,7 @@ class Controller:
                 fingerprint=record.running_fingerprint if record else "",
                 started_at_wall_s=wall - (mono - started),
                 token=self._tokens.get(agent_id, ""),
+                boot_id=self._boot_id,
             )
         return snapshot
 

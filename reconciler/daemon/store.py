@@ -208,6 +208,9 @@ class ProcessEntry:
     started_at_wall_s: float
     token: str = ""
     """The agent's heartbeat token, so an adopted agent's HTTP heartbeats still verify."""
+    boot_id: str = ""
+    """The kernel's boot id when it was recorded: start ticks count from boot, so after
+    a reboot the same pid and ticks name another process. "" in files from before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -845,6 +848,7 @@ def _process_to_json(entry: ProcessEntry) -> dict[str, Any]:
         "fingerprint": entry.fingerprint,
         "started_at_wall_s": entry.started_at_wall_s,
         "token": entry.token,
+        "boot_id": entry.boot_id,
     }
 
 
@@ -852,7 +856,12 @@ def _decode_processes(body: object) -> dict[AgentId, ProcessEntry]:
     result: dict[AgentId, ProcessEntry] = {}
     for key, value in _object(body, path="processes").items():
         path = f"processes[{key}]"
-        data = _object(value, path=path, keys=_PROCESS_KEYS)
+        keys = (
+            _PROCESS_KEYS | {"boot_id"}
+            if isinstance(value, dict) and "boot_id" in value
+            else _PROCESS_KEYS
+        )
+        data = _object(value, path=path, keys=keys)
         pid = _integer(data["pid"], path=f"{path}.pid")
         if pid <= 0:
             raise InvalidArgument(f"{path}.pid", "must be positive")
@@ -863,6 +872,7 @@ def _decode_processes(body: object) -> dict[AgentId, ProcessEntry]:
             fingerprint=_string(data["fingerprint"], path=f"{path}.fingerprint"),
             started_at_wall_s=_number(data["started_at_wall_s"], path=f"{path}.started_at_wall_s"),
             token=_string(data["token"], path=f"{path}.token"),
+            boot_id=_string(data.get("boot_id", ""), path=f"{path}.boot_id"),
         )
     return result
 

@@ -102,6 +102,7 @@ class Node:
     store: MemoryStore = field(default_factory=MemoryStore)
     policy: Policy = field(default_factory=Policy)
     foreign: set[int] = field(default_factory=set)
+    boot_id: str = "boot-1"
     supervisor: FakeSupervisor = field(init=False)
     events: EventLog = field(init=False)
     controller: Controller = field(init=False)
@@ -124,6 +125,7 @@ class Node:
             config_dir=self.config_dir,
             workers=2,
             scan=survivors_of(supervisor, self.foreign),
+            boot_id=self.boot_id,
         )
 
     async def start(self) -> Node:
@@ -754,6 +756,28 @@ def test_a_saved_pid_now_used_by_another_process_is_neither_adopted_nor_stopped(
         assert saved.pid in node.supervisor.survivors
         assert node.starts_of("a") == 1
         assert node.controller.pids()["a"] != saved.pid
+
+    node_test(body, tmp_path)
+
+
+def test_after_a_reboot_a_process_matching_a_saved_one_is_not_adopted(tmp_path: Path) -> None:
+    async def body(node: Node) -> None:
+        await node.apply(1, agent("a"))
+        saved = (await node.saved())[AgentId("a")]
+        assert saved.boot_id == "boot-1"
+        node.abandon()
+        node.supervisor.running.clear()  # the node rebooted: every agent is gone...
+        stranger = ProcessHandle(AgentId("a"), saved.pid, saved.start_ticks, saved.cmdline)
+        node.supervisor.running[saved.pid] = stranger  # ...and pid and ticks match again
+        node.foreign.add(saved.pid)
+        node.boot_id = "boot-2"
+        node = await node._successor()
+        assert node.supervisor.adopted == []
+        assert node.supervisor.stops == []
+        assert node.starts_of("a") == 1
+        assert node.controller.pids()["a"] != saved.pid
+
+    node_test(body, tmp_path)
 
 
 def test_the_process_list_is_saved_for_the_next_daemon(tmp_path: Path) -> None:

@@ -505,6 +505,7 @@ def process_entry(pid: int) -> ProcessEntry:
         fingerprint="0123456789abcdef0123456789abcdef",
         started_at_wall_s=1_700_000_000.25,
         token=f"secret-{pid}",
+        boot_id="8c6e3b4c-5d0e-4d43-9a7e-2f1b6f0e8d11",
     )
 
 
@@ -512,6 +513,21 @@ def test_processes_round_trip(store: DesiredStateStore, clock: FakeClock) -> Non
     processes = {AgentId(f"a{i}"): process_entry(1000 + i) for i in range(3)}
     store.save_processes(processes)
     assert reopen(store, clock).load_processes() == processes
+
+
+def test_a_processes_file_from_before_boot_ids_still_loads(
+    store: DesiredStateStore, clock: FakeClock, state_dir: Path
+) -> None:
+    from reconciler.daemon.store import _checksum
+
+    store.save_processes({AgentId("a"): process_entry(1000)})
+    envelope = json.loads((state_dir / PROCESSES_FILE).read_bytes())
+    del envelope["body"]["a"]["boot_id"]
+    envelope["checksum"] = _checksum(envelope["body"])
+    (state_dir / PROCESSES_FILE).write_text(json.dumps(envelope))
+    loaded = reopen(store, clock).load_processes()
+    assert loaded[AgentId("a")].boot_id == ""
+    assert loaded[AgentId("a")].pid == 1000
 
 
 def test_a_process_entry_with_a_bad_pid_makes_the_file_corrupt(
