@@ -110,6 +110,9 @@ _SERVER_ERROR_CODES: Final = frozenset(
 
 _OTLP_DEFAULT_ENDPOINT: Final = "http://localhost:4317"
 
+#: Wrapped method handlers kept per server (a server has a few dozen methods).
+_MAX_CACHED_METHODS: Final = 1000
+
 
 # ------------------------------------------------------------------------ export plan
 
@@ -540,6 +543,9 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = tracer
         self._stats = stats
         self._methods = _Methods()
+        # The wrapped handler of each method, built once: servers hand out the same
+        # handler object for a method on every call.
+        self._wrapped: dict[str | bytes, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -551,7 +557,17 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        described = self._methods(handler_call_details.method)
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, self._methods(handler_call_details.method))
+        if len(self._wrapped) < _MAX_CACHED_METHODS:
+            self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], described: _Method
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(described, handler.unary_unary),
