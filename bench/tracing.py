@@ -55,8 +55,9 @@ def run(*, quick: bool = False) -> Section:
         title="Tracing overhead",
         issue="issue 6 (observability)",
         comparison="tracing off (same run)",
-        method="`bench/tracing_overhead.py`: one grpc.aio server and client in one "
-        "process, an echo RPC, the variants in interleaved rounds (median round counts): "
+        method="`bench/tracing_overhead.py`: one grpc.aio server, called by an untraced "
+        "client in another process with a sampled `traceparent` on every call, an echo "
+        "RPC, the variants in interleaved rounds (median round counts): "
         "no interceptors (off), RPC metrics only, reconciler's tracing with batch OTLP "
         "export to a collector in another process, and the contrib instrumentation.",
     )

@@ -1,10 +1,11 @@
 """What tracing costs an RPC: throughput and p99 with tracing off and on, in one run.
 
-What: one grpc.aio server and one channel on one event loop (both ends of each call
-are in this process, as in a daemon that serves the Manager and calls it), an echo
-method taking and returning 64 bytes, ``concurrency`` callers for ``seconds`` per
-round. The variants run in interleaved rounds so drift on a shared machine hits
-them alike, and the median round counts:
+What: one grpc.aio server in this process and an untraced caller in a child process
+(so the server's CPU per RPC is measured alone), an echo method taking and returning
+64 bytes, ``concurrency`` callers for ``seconds`` per round; each call carries a
+sampled ``traceparent``, as a call from a traced peer does. The variants run in
+interleaved rounds so drift on a shared machine hits them alike, and the median round
+counts:
 
 - ``off``: no interceptors at all;
 - ``metrics``: ``reconciler.telemetry`` interceptors with RPC metrics, tracing off
