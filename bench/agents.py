@@ -26,6 +26,8 @@ import os
 import random
 import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,11 +38,13 @@ from bench.daemon_run import MARKER as DAEMON_MARKER
 from bench.daemon_run import Daemon, sleep_spec
 from bench.procs import ChildWatcher, CpuWindow, rss_bytes
 from bench.report import Figure, Section, at_most_plus, at_most_ratio, below
+from bench.spawn_floor import MARKER as FLOOR_MARKER
 from bench.supervisord import MARKER as SUPERVISOR_MARKER
 from bench.supervisord import Supervisord, supervisord_version
 
 __all__ = ["Measured", "Scale", "run"]
 
+_ROOT = Path(__file__).resolve().parent.parent
 POLL_S = 0.0005
 """Pause between /proc scans while waiting for processes (a scan itself costs ~0.1-0.5 ms)."""
 SETTLE_S = 3.0
@@ -165,7 +169,29 @@ def _measure_supervisord(root: Path, scale: Scale) -> Measured:
         supervisord.close()
 
 
-def _figures(scale: Scale, ours: Measured, theirs: Measured) -> list[Figure]:
+def _measure_floor(root: Path, scale: Scale) -> float:
+    """Seconds for ``bench.spawn_floor`` to bring ``scale.agents`` agents up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.spawn_floor", "--count", str(scale.agents),
+         "--dir", str(root), *COMMAND],
+        cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench.spawn_floor did not start")
+        watcher = ChildWatcher(proc.pid, FLOOR_MARKER)
+        requested = time.perf_counter()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return _wait_for_children(watcher, scale.agents, timeout_s=300) - requested
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def _figures(scale: Scale, ours: Measured, theirs: Measured, floor_s: float) -> list[Figure]:
     n = scale.agents
     quarter = at_most_ratio(0.25, "≤ 1/4 of supervisord")
     twentieth = at_most_ratio(0.05, "≤ 1/20 of supervisord")
@@ -173,6 +199,8 @@ def _figures(scale: Scale, ours: Measured, theirs: Measured) -> list[Figure]:
     ms = 1000.0
     return [
         Figure(f"{n} agents: start → all processes exist", "s", ours.up_s, theirs.up_s, quarter),
+        Figure(f"{n} agents: the same start, bare Popen loop (the floor)", "s",
+               floor_s, theirs.up_s),
         Figure(f"{n} agents: start → API shows all running", "s",
                ours.api_ready_s, theirs.api_ready_s),
         Figure(f"{n} agents: restart after SIGKILL, median", "ms",
@@ -203,7 +231,8 @@ def run(*, quick: bool = False) -> Section:
         with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
             ours = _measure_daemon(Path(tmp) / "daemon", scale)
             theirs = _measure_supervisord(Path(tmp) / "supervisord", scale)
-        figures += _figures(scale, ours, theirs)
+            floor_s = _measure_floor(Path(tmp) / "floor", scale)
+        figures += _figures(scale, ours, theirs, floor_s)
         details[f"{scale.agents} agents, kills"] = (
             f"{len(ours.restarts_s)} (daemon) / {len(theirs.restarts_s)} (supervisord), "
             f"one at a time, each agent once; idle window {scale.idle_s:.0f} s "
@@ -229,7 +258,11 @@ def run(*, quick: bool = False) -> Section:
             "after the previous one is back, so restarts never overlap (supervisord spawns "
             "on the loop pass after the one that reaps, and another process's event would "
             "start that pass early). *Idle*: CPU from "
-            "utime+stime of the server process over the window, and its VmRSS."
+            "utime+stime of the server process over the window, and its VmRSS. *The "
+            "floor*: `bench/spawn_floor.py`, a Python process that only spawns the agents "
+            "the way the daemon's supervisor does (Popen of the argv in its own session, "
+            "output appended to a new log file per agent), timed by the same scan: what "
+            "fork, exec and the log files cost on this machine before any supervision."
         ),
         figures=figures,
         details=details,
