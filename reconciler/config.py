@@ -89,6 +89,7 @@ __all__ = [
     "load_daemon_settings",
     "load_manager_settings",
     "load_settings",
+    "parse_advertised",
     "parse_host_port",
     "read_settings_file",
     "redact_dsn",
@@ -188,6 +189,12 @@ class DaemonGrpcSettings:
     unix_socket: str = ""
     """An extra Unix socket path serving DaemonService, for local tools and sidecars.
     Default "": none."""
+    advertise_address: str = ""
+    """The address the Manager dials to reach this daemon: host:port, [v6]:port, or a
+    bare host or address that takes the port of ``listen``. Set it when the Manager
+    cannot reach the listen address (a pod IP, NAT, a proxy). Default "": the listen
+    address, or this host's name and the listen port when listening on every
+    interface."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted or sent, in bytes. Default 4194304 (4 MiB, gRPC's
     own default), enough for thousands of agent specs."""
@@ -732,7 +739,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
         if not bracket or not rest.startswith(":"):
             raise ValueError(f"expected [address]:port, got {text!r}")
         port_text = rest[1:]
-        ipaddress.IPv6Address(host)
+        if not _is_ipv6(host):
+            raise ValueError(f"only an IPv6 address goes in [address]:port, got {text!r}")
     else:
         host, colon, port_text = text.rpartition(":")
         if not colon or not host:
@@ -744,6 +752,30 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
     return host, int(port_text)
+
+
+def parse_advertised(text: str, *, default_port: int | None) -> tuple[str, int]:
+    """An advertised address as (host, port): ``host:port``, ``[v6]:port``, or a bare
+    host name, IPv4 or IPv6 address, which takes ``default_port``. ValueError saying
+    what is wrong (a bare host when there is no default port, say)."""
+    try:
+        return parse_host_port(text)
+    except ValueError as error:
+        if text.startswith("[") or (":" in text and not _is_ipv6(text)):
+            raise error from None
+    if not (_is_ipv6(text) or _HOST_NAME.fullmatch(text)):
+        raise ValueError(f"{text!r} is not a host, address, host:port or [address]:port")
+    if default_port is None:
+        raise ValueError(f"{text!r} has no port, and there is no listen port to use")
+    return text, default_port
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback_host(host: str) -> bool:
@@ -829,6 +861,11 @@ def _daemon_problems(s: DaemonSettings) -> Iterator[tuple[str, str]]:
         yield "node.labels", "label keys must not be empty"
     yield from _address_problems("manager.address", s.manager.address)
     yield from _address_problems("heartbeat.http_listen", s.heartbeat.http_listen)
+    if s.grpc.advertise_address:
+        try:
+            parse_advertised(s.grpc.advertise_address, default_port=1 if s.grpc.listen else None)
+        except ValueError as error:
+            yield "grpc.advertise_address", str(error)
     for index, pattern in enumerate(s.agents.allowed_commands):
         if not pattern.startswith("/"):
             yield (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -247,16 +248,19 @@ def parse_helm_command(line: str, *, cwd: Path) -> HelmCommand:
 _FIELD_VALUES = {
     "metadata.name": "rel-reconciler-sidecar-demo-7d4b9-x2x7q",
     "spec.nodeName": "node-1",
+    "status.podIP": "10.244.1.17",
 }
+_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _SECRET_VALUE = "postgresql://reconciler@postgres.db.svc:5432/reconciler"
 
 
 def container_env(container: Mapping[str, Any]) -> dict[str, str]:
-    """A container's environment as the process would see it (secrets and fields faked)."""
+    """A container's environment as the process would see it (secrets and fields faked,
+    ``$(NAME)`` references to earlier variables expanded as the kubelet does)."""
     env: dict[str, str] = {}
     for entry in container.get("env", []):
         if "value" in entry:
-            env[entry["name"]] = str(entry["value"])
+            env[entry["name"]] = _REFERENCE.sub(lambda m: env.get(m[1], m[0]), str(entry["value"]))
         elif "fieldRef" in entry["valueFrom"]:
             env[entry["name"]] = _FIELD_VALUES[entry["valueFrom"]["fieldRef"]["fieldPath"]]
         else:

@@ -33,6 +33,7 @@ from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 from reconciler.config import (
     DaemonSettings,
     TlsMode,
+    parse_advertised,
     settings_to_dict,
 )
 from reconciler.daemon.clock import Clock, SystemClock
@@ -349,6 +350,10 @@ class DaemonApp:
 
     def advertised_address(self) -> str:
         """The DaemonService address the Manager should dial."""
+        advertise = self.settings.grpc.advertise_address
+        if advertise:
+            port = self._grpc_port if self.settings.grpc.listen else None
+            return _join(*parse_advertised(advertise, default_port=port))
         address = self.addresses.grpc
         host = parse_listen(address)[0] if address else ""
         if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding

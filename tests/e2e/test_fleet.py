@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, wait_for
 from tests.support.manager import (
     Fleet,
     ManagerProcess,
@@ -160,3 +160,27 @@ def test_a_daemon_heartbeating_to_one_manager_converges_on_an_apply_through_anot
         assert served(serving, "GetDesiredState") > pulled_before
         assert served(applying, "GetDesiredState") == 0
         fleet.close()  # before the schema is dropped
+
+
+def test_the_manager_reaches_a_daemon_at_the_address_it_advertises(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    manager = fleet.manager()
+    daemon = fleet.daemon(
+        "advertised",
+        manager_address=manager.address,
+        labels={"role": "advertised"},
+        grpc={"advertise_address": "localhost"},  # a bare host takes the listen port
+    )
+    manager.wait_ready_nodes({daemon.node_id})
+    assert manager.nodes()[daemon.node_id].daemon_address == f"localhost:{daemon.grpc_port}"
+    path = tmp_path / "set.yaml"
+    path.write_text(
+        agent_set_yaml("advertised", agents=[sleeper("one")], match_labels={"role": "advertised"})
+    )
+    applied = cli("apply", "-f", str(path), "--wait", "--timeout", "60s", manager=manager.address)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    pid = daemon.running()["one"]
+    restart = cli("agent", "restart", "one", "--node", daemon.node_id, manager=manager.address)
+    assert restart.returncode == 0, restart.stdout + restart.stderr  # proxied through the Manager
+    wait_for(lambda: daemon.running().get("one") not in (None, pid), what="one restarted")

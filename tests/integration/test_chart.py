@@ -254,6 +254,8 @@ def test_daemonset_runs_one_daemon_per_node_with_the_allow_list_from_values() ->
     daemonset = find(docs, "DaemonSet", "-daemon")
     container = daemonset["spec"]["template"]["spec"]["containers"][0]
     assert env_of(container)["RECONCILER_NODE__ID"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    env = container_env(container)
+    assert env["RECONCILER_GRPC__ADVERTISE_ADDRESS"] == "10.244.1.17", "the pod IP"
     config = config_of(find(docs, "ConfigMap", "-daemon-node"))
     assert config["agents"]["allowed_commands"] == ["/opt/reconciler/bin/*", "/usr/bin/sleep"]
     assert config["heartbeat"]["allow_unmanaged"] is False
@@ -294,6 +296,9 @@ def test_insecure_development_mode_keeps_every_listener_on_loopback() -> None:
         assert config["grpc"]["listen"].startswith("127.0.0.1:")
         if "manager" in config:
             assert config["manager"]["address"] == "", "nothing can reach a loopback Manager"
+    for workload in workloads(docs):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            assert "RECONCILER_GRPC__ADVERTISE_ADDRESS" not in container_env(container)
     assert not any(
         "secret" in v for w in workloads(docs) for v in w["spec"]["template"]["spec"]["volumes"]
     )

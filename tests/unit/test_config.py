@@ -23,6 +23,7 @@ from reconciler.config import (
     is_loopback_host,
     load_daemon_settings,
     load_manager_settings,
+    parse_advertised,
     parse_host_port,
     redact_dsn,
     settings_to_dict,
@@ -330,6 +331,24 @@ def test_the_example_files_are_valid_and_their_role_is_inferred(name: str, role:
             id="otlp-url",
         ),
         pytest.param(["state_dir="], "state_dir", "must not be empty", id="empty-state-dir"),
+        pytest.param(
+            ["grpc.advertise_address=pod ip"],
+            "grpc.advertise_address",
+            "is not a host",
+            id="advertise-garbage",
+        ),
+        pytest.param(
+            ["grpc.advertise_address=[10.0.0.5]:7070"],
+            "grpc.advertise_address",
+            "[address]:port",
+            id="advertise-bracketed-v4",
+        ),
+        pytest.param(
+            ["grpc.listen=", "grpc.unix_socket=/run/d.sock", "grpc.advertise_address=10.0.0.5"],
+            "grpc.advertise_address",
+            "no listen port",
+            id="advertise-without-a-port",
+        ),
     ],
 )
 def test_values_that_make_no_sense_are_refused(overrides: list[str], key: str, words: str) -> None:
@@ -614,3 +633,19 @@ def test_a_duration_below_one_second_is_accepted() -> None:
     )
     assert settings.backoff.initial_s == 0.2
     assert settings.manager.heartbeat_interval_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.0.0.5", ("10.0.0.5", 7070)),
+        ("10.0.0.5:9000", ("10.0.0.5", 9000)),
+        ("daemon-0.daemons.ns.svc", ("daemon-0.daemons.ns.svc", 7070)),
+        ("fd00::5", ("fd00::5", 7070)),
+        ("[fd00::5]:9000", ("fd00::5", 9000)),
+    ],
+)
+def test_an_advertised_address_may_leave_out_the_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_advertised(text, default_port=7070) == expected
+    settings = load_daemon_settings(None, env={"RECONCILER_GRPC__ADVERTISE_ADDRESS": text})
+    assert settings.grpc.advertise_address == text

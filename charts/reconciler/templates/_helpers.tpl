@@ -206,6 +206,15 @@ The daemon as a sidecar. In your pod spec:
       valueFrom:
         fieldRef:
           fieldPath: {{ .nodeIdField }}
+    {{- if include "reconciler.mtls" .ctx }}
+    {{- /* The Manager dials the pod IP: a pod's host name resolves nowhere else. */}}
+    - name: POD_IP
+      valueFrom:
+        fieldRef:
+          fieldPath: status.podIP
+    - name: RECONCILER_GRPC__ADVERTISE_ADDRESS
+      value: "$(POD_IP)"
+    {{- end }}
     {{- include "reconciler.daemonEnv" .ctx | nindent 4 }}
   ports:
     - name: grpc
