@@ -20,10 +20,10 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -86,6 +86,7 @@ __all__ = [
     "scan_node_processes",
 ]
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("reconciler.daemon")
 
@@ -459,13 +460,19 @@ class Controller:
         """
         if operation not in Operation.ALL:
             raise InvalidArgument("operation", f"must be one of {sorted(Operation.ALL)}")
+        return await self._one_at_a_time(
+            operation_id, lambda: self._operate_once(agent_id, operation, operation_id)
+        )
+
+    async def _one_at_a_time(self, operation_id: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``call`` after every earlier call with the same operation id finished."""
         if not operation_id:
-            return await self._operate_once(agent_id, operation, operation_id)
+            return await call()
         gate = self._operation_gates.setdefault(OperationId(operation_id), _Gate())
         gate.users += 1
         try:
             async with gate.lock:
-                return await self._operate_once(agent_id, operation, operation_id)
+                return await call()
         finally:
             gate.users -= 1
             if not gate.users:
@@ -539,8 +546,29 @@ class Controller:
         """Roll one agent to a new version behind a health gate; roll back on failure.
 
         The new spec is a local patch over the desired state until the next newer
-        generation replaces it.
+        generation replaces it. A retry with the same operation id that arrives while
+        the rollout runs waits for it and answers with its result.
         """
+        return await self._one_at_a_time(
+            operation_id,
+            lambda: self._push_update_once(
+                agent_id,
+                version=version,
+                command=command,
+                deadline_s=deadline_s,
+                operation_id=operation_id,
+            ),
+        )
+
+    async def _push_update_once(
+        self,
+        agent_id: AgentId,
+        *,
+        version: str,
+        command: tuple[str, ...],
+        deadline_s: float,
+        operation_id: str,
+    ) -> UpdateResult:
         if operation_id:
             previous = self._store.lookup_operation(OperationId(operation_id))
             if previous is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -140,6 +141,22 @@ def test_an_update_that_never_becomes_healthy_is_rolled_back_to_the_previous_ver
     current = daemon.agents()["rb"]
     assert (current.pid, current.restart_count) == (restored.pid, restored.restart_count)
     assert len(events(daemon, "UpdateRolledBack", "rb")) == 1
+
+
+def test_a_retry_arriving_during_the_rollout_waits_for_it_and_answers_its_result(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, [steady("slow")])
+    running_version(daemon, "slow", "1")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(push, daemon, "slow", "2", SILENT, deadline_s=3.0, operation_id="op")
+        wait_for(lambda: daemon.agents()["slow"].desired_version == "2", what="rollout begun")
+        retry = pool.submit(push, daemon, "slow", "2", SILENT, deadline_s=3.0, operation_id="op")
+        answers = [first.result(), retry.result()]
+    assert [a.duplicate for a in answers] == [False, True]
+    assert {a.outcome for a in answers} == {daemon_pb2.UPDATE_OUTCOME_ROLLED_BACK}
+    assert answers[0].message == answers[1].message
+    assert len(events(daemon, "UpdateRolledBack", "slow")) == 1
 
 
 def test_an_operation_id_used_for_another_agent_is_refused(daemon: DaemonProcess) -> None:

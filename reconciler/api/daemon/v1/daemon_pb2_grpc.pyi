@@ -80,7 +80,7 @@ class DaemonServiceStub:
     healthy or the health deadline passes, and rolls it back to its previous version
     and command if it is not healthy in time. The update is a local change the next
     newer generation from the Manager replaces. A retry with the same operation_id
-    answers the first outcome.
+    answers the first outcome, waiting for it while the first call still rolls out.
     Errors: INVALID_ARGUMENT (missing agent id or version, deadline <= 0, malformed
     operation_id), NOT_FOUND (no such agent on this node), PERMISSION_DENIED (the new
     command does not match the daemon's allow-list), FAILED_PRECONDITION (the agent is
@@ -129,7 +129,7 @@ class DaemonServiceAsyncStub(DaemonServiceStub):
     healthy or the health deadline passes, and rolls it back to its previous version
     and command if it is not healthy in time. The update is a local change the next
     newer generation from the Manager replaces. A retry with the same operation_id
-    answers the first outcome.
+    answers the first outcome, waiting for it while the first call still rolls out.
     Errors: INVALID_ARGUMENT (missing agent id or version, deadline <= 0, malformed
     operation_id), NOT_FOUND (no such agent on this node), PERMISSION_DENIED (the new
     command does not match the daemon's allow-list), FAILED_PRECONDITION (the agent is
@@ -211,7 +211,7 @@ class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
         healthy or the health deadline passes, and rolls it back to its previous version
         and command if it is not healthy in time. The update is a local change the next
         newer generation from the Manager replaces. A retry with the same operation_id
-        answers the first outcome.
+        answers the first outcome, waiting for it while the first call still rolls out.
         Errors: INVALID_ARGUMENT (missing agent id or version, deadline <= 0, malformed
         operation_id), NOT_FOUND (no such agent on this node), PERMISSION_DENIED (the new
         command does not match the daemon's allow-list), FAILED_PRECONDITION (the agent is
