@@ -267,6 +267,9 @@ class Controller:
         self._records: dict[AgentId, AgentRecord] = {}
         self._handles: dict[AgentId, ProcessHandle] = {}
         self._tokens: dict[AgentId, str] = {}
+        # Agents whose live process a previous daemon spawned: its children are not this
+        # daemon's, so what it leaves behind is looked for in all of /proc.
+        self._adopted: set[AgentId] = set()
         self._unmanaged: dict[AgentId, Heartbeat] = {}
         self._beats: dict[AgentId, _Beat] = {}
         self._causes: dict[AgentId, otel_context.Context] = {}
@@ -813,7 +816,7 @@ class Controller:
         agent_id = spec.id
         token = self._tokens.setdefault(agent_id, secrets.token_urlsafe(24))
         if record.last_exit is not None:
-            await self._stop_leftovers(agent_id)
+            await self._stop_leftovers(agent_id, everywhere=agent_id in self._adopted)
         with tracer.start_as_current_span("agent.start", attributes={"agent.id": agent_id}):
             self._start_causes[agent_id] = otel_context.get_current()
             env = self._spawn_env(spec, token)
@@ -835,6 +838,7 @@ class Controller:
                 return
         failpoints.failpoint("supervisor.after_spawn_before_record")
         self._handles[agent_id] = handle
+        self._adopted.discard(agent_id)
         self._beats.pop(agent_id, None)
         self._records[agent_id] = on_started(
             record,
@@ -856,7 +860,7 @@ class Controller:
         if spec.heartbeat is not None:
             self._queue.add_after(agent_id, spec.heartbeat.timeout_s)
 
-    async def _stop_leftovers(self, agent_id: AgentId) -> None:
+    async def _stop_leftovers(self, agent_id: AgentId, *, everywhere: bool) -> None:
         """Stop what an earlier instance of ``agent_id`` left running, before starting anew.
 
         An agent that forks and exits leaves its children behind: in its old session,
@@ -866,7 +870,9 @@ class Controller:
         instance never runs beside its predecessor's remains. While the daemon runs, they
         are its own children (it is their subreaper), so only those are read: a few
         reads on the loop, and only when an agent starts again after an exit. What an
-        agent left while the daemon was away is stopped by the full scan at start.
+        agent left while the daemon was away is stopped by the full scan at start; an
+        adopted agent (``everywhere``) was spawned by an earlier daemon, so its children
+        went to init and the whole of /proc is scanned, off the loop.
 
         A leftover may exec while it is being found (its command line then no longer
         matches the scan, and adoption refuses it), so the scan repeats until it finds
@@ -875,7 +881,12 @@ class Controller:
         grace_s = self._stray_grace(agent_id)
         for _ in range(_LEFTOVER_ROUNDS):
             live = {handle.pid for handle in self._handles.values()}
-            found = [p for p in self._orphans(self.node_id, exclude=live) if p.agent_id == agent_id]
+            if everywhere:
+                every = await asyncio.to_thread(self._scan, self.node_id)
+                candidates = [p for p in every if p.pid not in live]
+            else:
+                candidates = list(self._orphans(self.node_id, exclude=live))
+            found = [p for p in candidates if p.agent_id == agent_id]
             if not found:
                 return
             leftovers = [
@@ -938,6 +949,7 @@ class Controller:
 
     def _forget(self, agent_id: AgentId) -> None:
         self._records.pop(agent_id, None)
+        self._adopted.discard(agent_id)
         self._beats.pop(agent_id, None)
         if self._tracker is not None:
             self._tracker.forget(agent_id)
@@ -1009,6 +1021,7 @@ class Controller:
             spec = self._specs.get(agent_id)
             heartbeat = spec.heartbeat if spec else None
             self._handles[agent_id] = handle
+            self._adopted.add(agent_id)
             self._tokens[agent_id] = saved.token
             started = now - max(0.0, self._clock.wall() - saved.started_at_wall_s)
             if self._tracker is not None:
