@@ -367,6 +367,11 @@ class Controller:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """No agent waits to be reconciled and no pass runs."""
+        return not len(self._queue) and not self._queue.in_flight
+
     def desired(self) -> NodeDesiredState:
         return self._desired
 

@@ -60,6 +60,11 @@ class WorkQueue(Generic[K]):
         """Ids waiting to be handed out (the queue depth)."""
         return len(self._ready)
 
+    @property
+    def in_flight(self) -> int:
+        """Ids handed out and not yet done."""
+        return len(self._processing)
+
     def add(self, key: K) -> None:
         """Ask for ``key`` to be reconciled soon."""
         if self._closed:

@@ -133,12 +133,14 @@ class Node:
         await self.settle()
         return self
 
-    async def settle(self) -> None:
-        """Let the workers run until the queue stays empty for a few loop turns."""
+    async def settle(self, *, passes_may_wait: bool = False) -> None:
+        """Let the workers run until the controller stays idle for a few loop turns
+        (with ``passes_may_wait``: until no agent waits, while passes may be blocked)."""
         quiet = 0
         for _ in range(20_000):
             await asyncio.sleep(0)
-            quiet = quiet + 1 if self.controller.queue_depth == 0 else 0
+            idle = self.controller.queue_depth == 0 if passes_may_wait else self.controller.idle
+            quiet = quiet + 1 if idle else 0
             if quiet >= 8:
                 return
         raise AssertionError("the work queue never went idle")
@@ -358,7 +360,7 @@ def test_observed_generation_does_not_claim_a_generation_whose_agents_wait(
         node.supervisor.start = slow_start  # type: ignore[method-assign]
         await node.controller.apply(NodeDesiredState(Generation(2), (agent("x"), agent("slow"))))
         await node.controller.operate(AgentId("x"), "stop")
-        await node.settle()  # a worker now waits inside the start of "slow"
+        await node.settle(passes_may_wait=True)  # a worker waits inside the start of "slow"
         assert node.controller.observed_generation == 1
         save_overrides = node.store.save_overrides
 

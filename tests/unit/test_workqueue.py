@@ -25,10 +25,12 @@ async def test_an_id_added_while_in_flight_comes_back_once_after_done() -> None:
     queue.add("a")
     queue.add("a")
     assert len(queue) == 0, "never handed to two workers at once"
+    assert queue.in_flight == 1
     queue.done(key)
     assert await queue.get() == "a"
     queue.done("a")
     assert len(queue) == 0
+    assert queue.in_flight == 0
 
 
 async def test_add_after_keeps_the_earliest_timer() -> None:
