@@ -158,8 +158,8 @@ def _check_expected(name: str, stored: AgentSetRecord | None, expected: int) -> 
         )
 
 
-def _event(kind: EventType, message: str, *, now: float) -> EventRecord:
-    return EventRecord(0, now, "", None, str(kind), str(kind), message)
+def _event(kind: EventType, message: str, *, now: float, node_id: str = "") -> EventRecord:
+    return EventRecord(0, now, node_id, None, str(kind), str(kind), message)
 
 
 class FleetChanges:
@@ -517,6 +517,27 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             if _labels_match(node.labels, selector) and request.status in (0, info.status):
                 nodes.append(info)
         return fleet_pb2.ListNodesResponse(nodes=sorted(nodes, key=lambda n: n.node_id))
+
+    async def DeleteNode(
+        self, request: fleet_pb2.DeleteNodeRequest, context: Context
+    ) -> fleet_pb2.DeleteNodeResponse:
+        self._guard(context)
+        node_id = check_node_id(request.node_id)
+        stored = await self._store.get_node(node_id)
+        if stored is None:
+            raise NotFound("node", node_id)
+        node = self._readiness.latest(stored)
+        status = self._readiness.status(node)
+        desired = await self._store.get_desired(node_id)
+        info = node_info(node, status=status, agent_count=len(self._changes.agents_of(desired)))
+        if not await self._store.delete_node(node_id):
+            raise NotFound("node", node_id)  # deleted by another call meanwhile
+        await self._channels.forget(node_id)
+        message = f"node {node_id} deleted (was {status})"
+        await self._events.add(
+            [_event(EventType.NODE_DELETED, message, now=self._clock(), node_id=node_id)]
+        )
+        return fleet_pb2.DeleteNodeResponse(node=info)
 
     async def ListAgents(
         self, request: fleet_pb2.ListAgentsRequest, context: Context

@@ -159,6 +159,12 @@ class DaemonChannels:
         """A DaemonService stub for ``node_id``'s daemon."""
         return daemon_pb2_grpc.DaemonServiceStub(self.get(node_id, address))
 
+    async def forget(self, node_id: str) -> None:
+        """Close ``node_id``'s channel, if any (the node was deleted)."""
+        cached = self._channels.pop(node_id, None)
+        if cached is not None:
+            await cached[1].close(grace=1.0)
+
     @staticmethod
     def _close_later(channel: grpc.aio.Channel) -> None:
         task = asyncio.get_running_loop().create_task(channel.close(grace=1.0))

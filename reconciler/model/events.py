@@ -35,6 +35,7 @@ class EventType(enum.StrEnum):
     AGENT_SET_DELETED = "AgentSetDeleted"
     AGENT_FAILED = "AgentFailed"
     AGENT_ADOPTED = "AgentAdopted"
+    NODE_DELETED = "NodeDeleted"
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,6 +303,19 @@ async def test_delete_agentset_removes_its_agents_from_the_nodes(
     assert missing.stderr == "NOT_FOUND: AgentSet 'shippers' not found\n"
 
 
+async def test_delete_node_forgets_the_node_and_names_its_status(
+    manager: Manager, fleet: dict[str, FakeDaemon]
+) -> None:
+    result = await reconciler(manager, "delete", "node", "core-1")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "node/core-1 deleted (was Ready)\n"
+    nodes = await reconciler(manager, "get", "nodes", "-o", "json")
+    assert [n["nodeId"] for n in json.loads(nodes.stdout)] == ["edge-1", "edge-2"]
+    missing = await reconciler(manager, "delete", "node", "core-1")
+    assert missing.exit_code == 1
+    assert missing.stderr == "NOT_FOUND: node 'core-1' not found\n"
+
+
 # ------------------------------------------------- events, agent, metrics, describe
 
 

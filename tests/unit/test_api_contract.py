@@ -114,6 +114,7 @@ CONTRACT_SERVICES = {
         "ListAgentSets",
         "DeleteAgentSet",
         "ListNodes",
+        "DeleteNode",
         "ListAgents",
         "OperateAgent",
         "GetAgentMetrics",

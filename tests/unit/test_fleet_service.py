@@ -423,6 +423,63 @@ async def test_observed_states_and_events_show_in_list_agents_and_the_event_stre
     assert kinds[0][0] == event_pb2.EVENT_TYPE_NODE_REGISTERED
 
 
+async def test_a_deleted_node_is_forgotten_and_a_live_daemon_registers_again_above_it(
+    manager: Manager, fleet: dict[str, FakeDaemon]
+) -> None:
+    await manager.apply(agent_set("shippers", "ship", labels={"role": "edge"}))
+    await manager.apply(agent_set("shippers", "ship", "tail", labels={"role": "edge"}))
+    await until(lambda: fleet["edge-1"].seen.accepted == [1, 2])
+    deleted = await manager.fleet.DeleteNode(
+        fleet_pb2.DeleteNodeRequest(node_id="edge-1"), timeout=5
+    )
+    assert (deleted.node.node_id, deleted.node.agent_count) == ("edge-1", 2)
+    assert deleted.node.status == node_pb2.NODE_STATUS_READY
+    listed = await manager.fleet.ListNodes(fleet_pb2.ListNodesRequest(), timeout=5)
+    assert [n.node_id for n in listed.nodes] == ["core-1", "edge-2"]
+    agents = await manager.fleet.ListAgents(fleet_pb2.ListAgentsRequest(), timeout=5)
+    assert {a.node_id for a in agents.agents} == {"edge-2"}
+    again = await rpc_error(
+        manager.fleet.DeleteNode(fleet_pb2.DeleteNodeRequest(node_id="edge-1"), timeout=5)
+    )
+    assert again.code() == grpc.StatusCode.NOT_FOUND
+
+    stream = manager.fleet.WatchEvents(
+        fleet_pb2.WatchEventsRequest(node_id="edge-1", since=timestamp(0)), timeout=10
+    )
+    async for event in stream:
+        if event.type == event_pb2.EVENT_TYPE_NODE_DELETED:
+            assert event.message == "node edge-1 deleted (was Ready)"
+            break
+    stream.cancel()
+
+    response = await manager.register(
+        "edge-1", labels={"role": "edge"}, daemon=fleet["edge-1"], current_generation=2
+    )
+    assert response.desired_generation == 2, "its generation kept, never back to 1"
+    assert (await manager.node("edge-1")).agent_count == 2
+    assert fleet["edge-1"].seen.accepted == [1, 2], "nothing new to push"
+
+
+@pytest.mark.parametrize(
+    ("node_id", "code"),
+    [
+        pytest.param("", grpc.StatusCode.INVALID_ARGUMENT, id="empty"),
+        pytest.param("bad id!", grpc.StatusCode.INVALID_ARGUMENT, id="malformed"),
+        pytest.param("ghost", grpc.StatusCode.NOT_FOUND, id="unknown"),
+    ],
+)
+async def test_deleting_a_node_that_is_not_there_changes_nothing(
+    manager: Manager, node_id: str, code: grpc.StatusCode
+) -> None:
+    await manager.register("n1")
+    error = await rpc_error(
+        manager.fleet.DeleteNode(fleet_pb2.DeleteNodeRequest(node_id=node_id), timeout=5)
+    )
+    assert error.code() == code
+    listed = await manager.fleet.ListNodes(fleet_pb2.ListNodesRequest(), timeout=5)
+    assert [n.node_id for n in listed.nodes] == ["n1"]
+
+
 async def test_a_report_naming_another_node_in_an_event_is_refused(manager: Manager) -> None:
     await manager.register("n1")
     event = event_pb2.Event(type=event_pb2.EVENT_TYPE_AGENT_STARTED, node_id="n2")

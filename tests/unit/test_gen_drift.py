@@ -60,6 +60,7 @@ def delete_a_proto(root: Path) -> str:
     text = text.replace('import "reconciler/api/agent/v1/node.proto";\n', "")
     text = text.replace("reconciler.api.agent.v1.NodeStatus status = 2;", "string status = 2;")
     text = text.replace("repeated reconciler.api.agent.v1.NodeInfo nodes", "repeated string nodes")
+    text = text.replace("reconciler.api.agent.v1.NodeInfo node = 1;", "string node = 1;")
     fleet.write_text(text)
     return "reconciler/api/agent/v1/node_pb2.py"
 

@@ -62,6 +62,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """An agent exited and its restart policy says not to start it again."""
     EVENT_TYPE_AGENT_ADOPTED: _EventType.ValueType  # 17
     """A restarted daemon re-attached to an agent process that was still running."""
+    EVENT_TYPE_NODE_DELETED: _EventType.ValueType  # 18
+    """An operator deleted a node from the Manager (FleetService.DeleteNode)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What kind of thing happened."""
@@ -102,6 +104,8 @@ EVENT_TYPE_AGENT_FAILED: EventType.ValueType  # 16
 """An agent exited and its restart policy says not to start it again."""
 EVENT_TYPE_AGENT_ADOPTED: EventType.ValueType  # 17
 """A restarted daemon re-attached to an agent process that was still running."""
+EVENT_TYPE_NODE_DELETED: EventType.ValueType  # 18
+"""An operator deleted a node from the Manager (FleetService.DeleteNode)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

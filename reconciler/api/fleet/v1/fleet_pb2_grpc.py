@@ -63,6 +63,11 @@ class FleetServiceStub:
                 request_serializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/reconciler.api.fleet.v1.FleetService/DeleteNode',
+                request_serializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/reconciler.api.fleet.v1.FleetService/ListAgents',
                 request_serializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListAgentsRequest.SerializeToString,
@@ -131,6 +136,16 @@ class FleetServiceServicer:
     def ListNodes(self, request, context):
         """Lists the nodes the Manager knows, sorted by node id.
         Errors: INVALID_ARGUMENT (malformed label in the selector).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Forgets a node: its record and observed agents go; its desired generation is kept,
+        so the node's generations never go back. For nodes gone for good: a daemon that
+        still runs registers again at its next heartbeat and gets its agents back.
+        Errors: INVALID_ARGUMENT (malformed node id), NOT_FOUND (no such node).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -206,6 +221,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListNodesRequest.FromString,
                     response_serializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.DeleteNodeResponse.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
@@ -364,6 +384,33 @@ class FleetService:
             '/reconciler.api.fleet.v1.FleetService/ListNodes',
             reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListNodesRequest.SerializeToString,
             reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reconciler.api.fleet.v1.FleetService/DeleteNode',
+            reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.DeleteNodeRequest.SerializeToString,
+            reconciler_dot_api_dot_fleet_dot_v1_dot_fleet__pb2.DeleteNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,12 @@ class FleetServiceStub:
     """Lists the nodes the Manager knows, sorted by node id.
     Errors: INVALID_ARGUMENT (malformed label in the selector).
     """
+    DeleteNode: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.DeleteNodeRequest, _fleet_pb2.DeleteNodeResponse]
+    """Forgets a node: its record and observed agents go; its desired generation is kept,
+    so the node's generations never go back. For nodes gone for good: a daemon that
+    still runs registers again at its next heartbeat and gets its agents back.
+    Errors: INVALID_ARGUMENT (malformed node id), NOT_FOUND (no such node).
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListAgentsRequest, _fleet_pb2.ListAgentsResponse]
     """Lists agents across the fleet: each one's node, desired spec and last observed
     record. Agents of NOT_READY nodes show phase AGENT_PHASE_UNKNOWN.
@@ -136,6 +142,12 @@ class FleetServiceAsyncStub(FleetServiceStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListNodesRequest, _fleet_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Lists the nodes the Manager knows, sorted by node id.
     Errors: INVALID_ARGUMENT (malformed label in the selector).
+    """
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_fleet_pb2.DeleteNodeRequest, _fleet_pb2.DeleteNodeResponse]  # type: ignore[assignment]
+    """Forgets a node: its record and observed agents go; its desired generation is kept,
+    so the node's generations never go back. For nodes gone for good: a daemon that
+    still runs registers again at its next heartbeat and gets its agents back.
+    Errors: INVALID_ARGUMENT (malformed node id), NOT_FOUND (no such node).
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListAgentsRequest, _fleet_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists agents across the fleet: each one's node, desired spec and last observed
@@ -223,6 +235,18 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fleet_pb2.ListNodesResponse, _abc.Awaitable[_fleet_pb2.ListNodesResponse]]:
         """Lists the nodes the Manager knows, sorted by node id.
         Errors: INVALID_ARGUMENT (malformed label in the selector).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _fleet_pb2.DeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeleteNodeResponse, _abc.Awaitable[_fleet_pb2.DeleteNodeResponse]]:
+        """Forgets a node: its record and observed agents go; its desired generation is kept,
+        so the node's generations never go back. For nodes gone for good: a daemon that
+        still runs registers again at its next heartbeat and gets its agents back.
+        Errors: INVALID_ARGUMENT (malformed node id), NOT_FOUND (no such node).
         """
 
     @_abc_1.abstractmethod
