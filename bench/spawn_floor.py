@@ -1,8 +1,8 @@
 """The floor of bringing agents up from Python: a bare loop of ``subprocess.Popen``.
 
 What: a child process that, told ``go`` on stdin, spawns ``count`` agents one after
-the other exactly as the daemon's supervisor does for each (argv list, own session,
-stdin from /dev/null, stdout and stderr appended to a new per-agent log file, an
+the other through the daemon's own ``spawn_process`` (argv list, own session, stdin
+from /dev/null, stdout and stderr appended to a new per-agent log file, an
 environment naming the agent, a working directory), and nothing else: no desired
 state, no validation, no records, no events, no RPC. The benchmark times it with the
 same /proc scan it uses for the daemon and supervisord, so the figure says how much of
@@ -18,8 +18,9 @@ import argparse
 import contextlib
 import os
 import signal
-import subprocess
 import sys
+
+from reconciler.daemon.supervisor import spawn_process
 
 __all__ = ["MARKER", "main"]
 
@@ -30,21 +31,11 @@ def _spawn(index: int, argv: list[str], log_dir: str) -> int:
     name = f"agent-{index:04d}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     log_fd = os.open(os.path.join(log_dir, f"{name}.log"), flags, 0o600)
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_fd,
-            stderr=log_fd,
-            cwd=log_dir,
-            env={"PATH": os.defpath, MARKER: name},
-            close_fds=True,
-            start_new_session=True,
-        )
+    try:  # the daemon's own spawn: the same Popen call, nothing around it
+        env = {"PATH": os.defpath, MARKER: name}
+        return spawn_process(tuple(argv), cwd=log_dir, env=env, user=None, log_fd=log_fd)
     finally:
         os.close(log_fd)
-    process.returncode = 0  # reaped below, by pid
-    return process.pid
 
 
 def main() -> None:

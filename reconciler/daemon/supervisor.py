@@ -93,6 +93,7 @@ __all__ = [
     "ProcessSupervisor",
     "SpawnError",
     "Supervisor",
+    "spawn_process",
 ]
 
 _log = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ class ProcessSupervisor:
         except OSError as error:
             raise SpawnError(f"cannot open the log file of {spec.id}: {error}") from None
         try:
-            pid = _spawn(argv, cwd=cwd, env=environ, user=user, log_fd=log_fd)
+            pid = spawn_process(argv, cwd=cwd, env=environ, user=user, log_fd=log_fd)
         finally:
             os.close(log_fd)
         return self._track_spawned(spec.id, pid, argv, loop)
@@ -639,9 +640,13 @@ def _home(user: _User | None) -> str:
         return "/"
 
 
-def _spawn(
+def spawn_process(
     argv: tuple[str, ...], *, cwd: str, env: Mapping[str, str], user: _User | None, log_fd: int
 ) -> int:
+    """Start ``argv`` in a session of its own with output to ``log_fd``; its pid.
+
+    The caller reaps it (by pid). Raises ``SpawnError`` saying why it could not start.
+    """
     switch = user is not None and not user.is_self
     try:
         process = subprocess.Popen(
