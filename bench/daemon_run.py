@@ -3,7 +3,8 @@
 What: ``Daemon`` writes a configuration (default settings except for the paths, the
 loopback ports, an allow-list of /bin and /usr/bin, and ``stop_agents_on_exit``), runs
 ``python -m reconciler daemon`` as a child, and talks to it: SyncAgentStates and
-ListAgents over gRPC, ``GET /stats`` over its HTTP heartbeat port. ``close`` stops it
+ListAgents over one gRPC channel connected once it serves (as the Manager keeps one per
+daemon), ``GET /stats`` over its HTTP heartbeat port. ``close`` stops it
 with SIGTERM (which stops its agents), then SIGKILLs anything left carrying its node
 id, so nothing outlives a benchmark.
 
@@ -64,6 +65,7 @@ class Daemon:
         self.http_port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.generation = 0
+        self._channel: grpc.Channel | None = None
 
     @property
     def pid(self) -> int:
@@ -111,6 +113,10 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited: {self._tail()}")
             if self._serving():
+                # One connected channel for every later call, as the Manager keeps one
+                # per daemon: a timed call then costs the daemon's work, not a handshake.
+                self._channel = grpc.insecure_channel(self.address)
+                grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the daemon did not serve within {timeout_s}s: {self._tail()}")
@@ -131,15 +137,13 @@ class Daemon:
         request = daemon_pb2.SyncAgentStatesRequest(
             node_id=self.node_id, generation=self.generation, agents=list(agents)
         )
-        with grpc.insecure_channel(self.address) as channel:
-            daemon_pb2_grpc.DaemonServiceStub(channel).SyncAgentStates(request, timeout=60)
+        daemon_pb2_grpc.DaemonServiceStub(self._connected()).SyncAgentStates(request, timeout=60)
 
     def phases(self) -> dict[str, int]:
         """agent id -> phase (agent_pb2.AGENT_PHASE_*)."""
-        with grpc.insecure_channel(self.address) as channel:
-            answer = daemon_pb2_grpc.DaemonServiceStub(channel).ListAgents(
-                daemon_pb2.ListAgentsRequest(), timeout=30
-            )
+        answer = daemon_pb2_grpc.DaemonServiceStub(self._connected()).ListAgents(
+            daemon_pb2.ListAgentsRequest(), timeout=30
+        )
         return {state.info.agent_id: state.info.phase for state in answer.agents}
 
     def all_running(self) -> bool:
@@ -151,7 +155,15 @@ class Daemon:
             stats: dict[str, Any] = json.loads(answer.read())
         return stats
 
+    def _connected(self) -> grpc.Channel:
+        if self._channel is None:
+            raise RuntimeError("the daemon is not started")
+        return self._channel
+
     def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
