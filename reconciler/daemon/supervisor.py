@@ -91,6 +91,7 @@ __all__ = [
     "FakeSupervisor",
     "ProcessHandle",
     "ProcessSupervisor",
+    "RunAs",
     "SpawnError",
     "Supervisor",
     "spawn_process",
@@ -167,7 +168,9 @@ class Supervisor(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _User:
+class RunAs:
+    """The account an agent runs as, resolved from its spec's ``user``."""
+
     name: str
     uid: int
     gid: int
@@ -421,7 +424,7 @@ class ProcessSupervisor:
         except InvalidArgument as error:
             raise SpawnError(str(error)) from None
 
-    def _resolve_user(self, name: str) -> _User | None:
+    def _resolve_user(self, name: str) -> RunAs | None:
         if not name:
             return None
         try:
@@ -433,7 +436,7 @@ class ProcessSupervisor:
                 f"user {name!r} is uid 0, and this daemon's agents.allow_root is false"
             )
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        return _User(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+        return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
 
     def _working_dir(self, spec: AgentSpec) -> str:
         cwd = spec.working_dir or self._default_working_dir
@@ -618,7 +621,7 @@ def _pidfd_signal(pidfd: int, signum: int) -> None:
         signal.pidfd_send_signal(pidfd, signum)
 
 
-def _environment(spec: AgentSpec, extra: Mapping[str, str], user: _User | None) -> dict[str, str]:
+def _environment(spec: AgentSpec, extra: Mapping[str, str], user: RunAs | None) -> dict[str, str]:
     base = {"PATH": os.environ.get("PATH", os.defpath), "HOME": _home(user)}
     if "LANG" in os.environ:
         base["LANG"] = os.environ["LANG"]
@@ -629,7 +632,7 @@ def _environment(spec: AgentSpec, extra: Mapping[str, str], user: _User | None) 
     return merged
 
 
-def _home(user: _User | None) -> str:
+def _home(user: RunAs | None) -> str:
     if user is not None:
         return user.home
     if "HOME" in os.environ:
@@ -641,7 +644,7 @@ def _home(user: _User | None) -> str:
 
 
 def spawn_process(
-    argv: tuple[str, ...], *, cwd: str, env: Mapping[str, str], user: _User | None, log_fd: int
+    argv: tuple[str, ...], *, cwd: str, env: Mapping[str, str], user: RunAs | None, log_fd: int
 ) -> int:
     """Start ``argv`` in a session of its own with output to ``log_fd``; its pid.
 
