@@ -184,6 +184,7 @@ class ManagerApp:
             not_ready_after_s=settings.nodes.not_ready_after_s,
             clock=clock,
             on_counts=self.metrics.set_nodes,
+            claim=self.store.claim_readiness,
         )
         self.changes = FleetChanges(
             self.store,

@@ -31,7 +31,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import grpc
@@ -253,7 +253,13 @@ def _event(
 class Readiness:
     """Notices nodes turning NotReady (by sweeping) and Ready again (on heartbeats),
     records an event for each change, and reports the count per status. Heartbeat
-    times come from the ``NodeTable``: the store's, or newer ones seen here."""
+    times come from the ``NodeTable``: the store's, or newer ones seen here.
+
+    Every replica sweeps, so each change is first claimed in the store (``claim``,
+    ``ManagerStore.claim_readiness``) under a mark every replica computes alike (the
+    change and the last heartbeat before the silence): only the first replica records
+    the event.
+    """
 
     def __init__(
         self,
@@ -263,13 +269,16 @@ class Readiness:
         not_ready_after_s: float,
         clock: Clock = time.time,
         on_counts: Callable[[Mapping[NodeStatus, int]], None] | None = None,
+        claim: Callable[[str, str], Awaitable[bool]] | None = None,
     ) -> None:
         self._table = table
         self._events = events
         self._after_s = not_ready_after_s
         self._clock = clock
         self._on_counts = on_counts
+        self._claim = claim
         self._last: dict[str, NodeStatus] = {}
+        self._silent_since: dict[str, float] = {}
 
     def latest(self, node: NodeRecord) -> NodeRecord:
         """``node`` with the newest heartbeat seen here, maybe not yet stored."""
@@ -285,10 +294,16 @@ class Readiness:
         """A heartbeat arrived: a node seen NotReady is Ready again."""
         if self._last.get(node_id) is NodeStatus.NOT_READY:
             self._last[node_id] = NodeStatus.READY
+            silent_since = self._silent_since.pop(node_id, None)
+            if not await self._first(node_id, f"Ready after {silent_since!r}"):
+                return
             message = f"node {node_id} is Ready: heartbeats resumed"
             await self._events.add(
                 [_event(EventType.NODE_READY, now=self._clock(), node_id=node_id, message=message)]
             )
+
+    async def _first(self, node_id: str, mark: str) -> bool:
+        return True if self._claim is None else await self._claim(node_id, mark)
 
     async def sweep(self) -> None:
         """Compare every node's status with the last sweep; record the changes."""
@@ -303,12 +318,16 @@ class Readiness:
             before = self._last.get(node_id)
             self._last[node_id] = status
             if status is NodeStatus.NOT_READY and before is NodeStatus.READY:
+                self._silent_since[node_id] = last_at
+                if not await self._first(node_id, f"NotReady after {last_at!r}"):
+                    continue
                 message = f"node {node_id} is NotReady: no heartbeat for {now - last_at:.0f}s"
                 changes.append(
                     _event(EventType.NODE_NOT_READY, now=now, node_id=node_id, message=message)
                 )
         for gone in [node_id for node_id in self._last if node_id not in beats]:
             del self._last[gone]
+            self._silent_since.pop(gone, None)
         await self._events.add(changes)
         if self._on_counts is not None:
             self._on_counts(counts)

@@ -282,6 +282,17 @@ async def test_deleting_a_node_forgets_it_and_its_agents_but_not_its_generation(
     assert back.desired_generation == 2
 
 
+async def test_a_readiness_mark_is_claimed_once_until_it_changes(store: ManagerStore) -> None:
+    await store.upsert_node(node("node-a"))
+    assert await store.claim_readiness("node-a", "NotReady after 100.5") is True
+    assert await store.claim_readiness("node-a", "NotReady after 100.5") is False, "replica 2"
+    assert await store.claim_readiness("node-a", "Ready after 100.5") is True
+    assert await store.claim_readiness("node-a", "NotReady after 100.5") is True, "a new outage"
+    assert await store.claim_readiness("node-b", "NotReady after 100.5") is True, "per node"
+    await store.delete_node("node-a")
+    assert await store.claim_readiness("node-a", "NotReady after 100.5") is True, "forgotten"
+
+
 # ----------------------------------------------------------------------------- apply
 
 
@@ -562,6 +573,34 @@ async def test_a_store_opened_again_on_the_database_sees_the_data(sql_opener: Op
     assert await second.get_agent_set("web") == agent_set("web", 1)
     more = await second.add_events([event()], keep_last=10)
     assert more[0].sequence > added[0].sequence
+
+
+async def test_a_database_of_the_first_schema_is_upgraded_keeping_its_data(
+    sql_opener: Opener,
+) -> None:
+    first = await sql_opener.open()
+    await first.upsert_node(node())
+    await _back_to_first_schema(first)
+    await first.close()
+
+    second = await sql_opener.open()  # migrates
+
+    assert await second.get_node("node-a") == node()
+    assert await second.claim_readiness("node-a", "NotReady after 1.0") is True
+
+
+async def _back_to_first_schema(store: ManagerStore) -> None:
+    statements = ("DROP TABLE readiness_marks", "DELETE FROM schema_version WHERE version > 1")
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as conn:
+            for statement in statements:
+                conn.execute(statement)
+        conn.close()
+        return
+    assert isinstance(store, PostgresStore)
+    async with store._connection() as conn:
+        for statement in statements:
+            await conn.execute(statement)
 
 
 async def test_a_database_migrated_by_a_newer_manager_is_refused(sql_opener: Opener) -> None:

@@ -6,8 +6,10 @@ import pytest
 
 from reconciler.manager.liveness import NodeTable, flush_interval_for
 from reconciler.manager.records import ApplyChange, DesiredRecord, NodeRecord
+from reconciler.manager.service import EventLog, Readiness
 from reconciler.manager.store.memory import MemoryStore
 from reconciler.model.errors import Unavailable
+from reconciler.model.events import EventType
 
 
 def node(node_id: str = "n1", *, at: float = 100.0) -> NodeRecord:
@@ -146,3 +148,36 @@ def test_the_flush_interval_stays_far_below_the_not_ready_window(
     not_ready_after_s: float, expected_s: float
 ) -> None:
     assert flush_interval_for(not_ready_after_s) == pytest.approx(expected_s)
+
+
+async def test_two_replicas_record_a_node_going_quiet_and_coming_back_once() -> None:
+    store = MemoryStore()
+    await store.upsert_node(node("n1", at=100.0))
+    now = [100.0]
+    replicas = []
+    for _ in range(2):
+        table = NodeTable(store, clock=lambda: now[0])
+        readiness = Readiness(
+            table,
+            EventLog(store, keep_last=100),
+            not_ready_after_s=45.0,
+            clock=lambda: now[0],
+            claim=store.claim_readiness,
+        )
+        replicas.append((table, readiness))
+    for _, readiness in replicas:
+        await readiness.sweep()  # both see it Ready
+    now[0] = 200.0
+    for _, readiness in replicas:
+        await readiness.sweep()  # both see it NotReady; one records it
+
+    table, readiness = replicas[0]  # the node's daemon talks to the first replica
+    await table.beat("n1", at=200.0, current_generation=0, observed_generation=0)
+    await readiness.heartbeat("n1")
+    await table.flush()
+    for _, other in replicas[1:]:
+        await other.heartbeat("n1")  # a beat reaching another replica too
+        await other.sweep()
+
+    kinds = [e.type for e in await store.list_events() if e.node_id == "n1"]
+    assert kinds == [str(EventType.NODE_NOT_READY), str(EventType.NODE_READY)]

@@ -76,6 +76,11 @@ class ManagerStore(Protocol):
         """Forget a node and its observed agents (its desired generation stays, so it
         never goes back); ``False`` when it was unknown."""
 
+    async def claim_readiness(self, node_id: str, mark: str) -> bool:
+        """Record ``mark`` (one readiness change of the node, the same text on every
+        replica) as reported; True only for the first call with that mark, so one
+        replica of several records the change's event."""
+
     async def get_agent_set(self, name: str) -> AgentSetRecord | None: ...
 
     async def list_agent_sets(self) -> list[AgentSetRecord]: ...

@@ -50,6 +50,7 @@ class MemoryStore:
         self._agent_sets: dict[str, AgentSetRecord] = {}
         self._desired: dict[str, DesiredRecord] = {}
         self._observed: dict[tuple[str, str], ObservedAgentRecord] = {}
+        self._readiness_marks: dict[str, str] = {}
         self._metrics: dict[_MetricKey, MetricPointRecord] = {}
         self._events: list[EventRecord] = []
         self._last_sequence = 0
@@ -138,7 +139,15 @@ class MemoryStore:
         self._check()
         for key in [k for k in self._observed if k[0] == node_id]:
             del self._observed[key]
+        self._readiness_marks.pop(node_id, None)
         return self._nodes.pop(node_id, None) is not None
+
+    async def claim_readiness(self, node_id: str, mark: str) -> bool:
+        self._check()
+        if self._readiness_marks.get(node_id) == mark:
+            return False
+        self._readiness_marks[node_id] = mark
+        return True
 
     async def get_agent_set(self, name: str) -> AgentSetRecord | None:
         self._check()

@@ -91,6 +91,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[LiteralString, ...]], ...]] = (
             "CREATE INDEX events_by_agent ON events (node_id, agent_id, sequence)",
         ),
     ),
+    (2, ("CREATE TABLE readiness_marks (node_id TEXT PRIMARY KEY, mark TEXT NOT NULL)",)),
 )
 _LATEST: Final = MIGRATIONS[-1][0]
 
@@ -219,7 +220,13 @@ class PostgresStore:
     async def delete_node(self, node_id: str) -> bool:
         async with self._connection() as conn, conn.transaction():
             await conn.execute(_q(sql.DELETE_OBSERVED_OF_NODE), (node_id,))
+            await conn.execute(_q(sql.DELETE_READINESS_MARK), (node_id,))
             return (await conn.execute(_q(sql.DELETE_NODE), (node_id,))).rowcount > 0
+
+    async def claim_readiness(self, node_id: str, mark: str) -> bool:
+        async with self._connection() as conn, conn.transaction():
+            cursor = await conn.execute(_q(sql.CLAIM_READINESS_MARK), (node_id, mark))
+            return cursor.rowcount > 0
 
     # ------------------------------------------------------------------ AgentSets, apply
 

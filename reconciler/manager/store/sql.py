@@ -32,9 +32,11 @@ from reconciler.manager.store.common import (
 )
 
 __all__ = [
+    "CLAIM_READINESS_MARK",
     "DELETE_AGENT_SET",
     "DELETE_NODE",
     "DELETE_OBSERVED_OF_NODE",
+    "DELETE_READINESS_MARK",
     "EVENTS_AFTER",
     "EVENTS_OF_AGENT",
     "EVENTS_OF_AGENT_ANY_NODE",
@@ -173,6 +175,17 @@ LIST_OBSERVED_OF_NODE: Final = (
     "SELECT node_id, agent_id, info, updated_at FROM observed WHERE node_id = ? ORDER BY agent_id"
 )
 DELETE_OBSERVED_OF_NODE: Final = "DELETE FROM observed WHERE node_id = ?"
+
+# ------------------------------------------------------------------- readiness marks
+
+#: Records a node's readiness change once across Manager replicas: changes a row (and
+#: so counts 1) only for the first replica to record that mark.
+CLAIM_READINESS_MARK: Final = (
+    "INSERT INTO readiness_marks (node_id, mark) VALUES (?, ?)"
+    " ON CONFLICT (node_id) DO UPDATE SET mark = excluded.mark"
+    " WHERE readiness_marks.mark <> excluded.mark"
+)
+DELETE_READINESS_MARK: Final = "DELETE FROM readiness_marks WHERE node_id = ?"
 INSERT_OBSERVED: Final = (
     "INSERT INTO observed (node_id, agent_id, info, updated_at) VALUES (?, ?, ?, ?)"
 )

@@ -92,6 +92,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX events_by_agent ON events (node_id, agent_id, sequence)",
         ),
     ),
+    (2, ("CREATE TABLE readiness_marks (node_id TEXT PRIMARY KEY, mark TEXT NOT NULL)",)),
 )
 _LATEST: Final = MIGRATIONS[-1][0]
 
@@ -198,7 +199,15 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> bool:
             with _immediate(conn):
                 conn.execute(sql.DELETE_OBSERVED_OF_NODE, (node_id,))
+                conn.execute(sql.DELETE_READINESS_MARK, (node_id,))
                 return conn.execute(sql.DELETE_NODE, (node_id,)).rowcount > 0
+
+        return await self._run(work)
+
+    async def claim_readiness(self, node_id: str, mark: str) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            with _immediate(conn):
+                return conn.execute(sql.CLAIM_READINESS_MARK, (node_id, mark)).rowcount > 0
 
         return await self._run(work)
 
