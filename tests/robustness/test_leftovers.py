@@ -9,6 +9,7 @@ after a restart (its children then go to init).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.daemon.store import PROCESSES_FILE
 from tests.robustness import procs
 from tests.support.daemon import ALLOWED, DaemonProcess, spec, wait_for
 
@@ -36,6 +38,16 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     process.close()
 
 
+def recorded_pid(daemon: DaemonProcess, agent_id: str) -> int | None:
+    """The pid the daemon's processes file holds for ``agent_id`` (what it adopts)."""
+    try:
+        envelope = json.loads((daemon.state_dir / PROCESSES_FILE).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    entry = envelope["body"].get(agent_id)
+    return int(entry["pid"]) if entry else None
+
+
 @pytest.mark.parametrize("adopted", [False, True], ids=["spawned", "adopted"])
 def test_an_agent_restarted_after_it_forked_and_exited_runs_without_its_predecessors_children(
     daemon: DaemonProcess, adopted: bool
@@ -43,6 +55,7 @@ def test_an_agent_restarted_after_it_forked_and_exited_runs_without_its_predeces
     daemon.sync(1, [spec("forker", (sys.executable, str(FORKING)), grace=1.0)])
     first = wait_for(lambda: daemon.running().get("forker"), what="the agent running")
     if adopted:
+        wait_for(lambda: recorded_pid(daemon, "forker") == first, what="the pid recorded")
         daemon.kill()
         daemon.start()
         assert daemon.running()["forker"] == first, "adopted, not restarted"
