@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,6 +42,7 @@ __all__ = [
     "ERROR_CODES",
     "RETRYABLE_CODES",
     "ErrorInterceptor",
+    "WrappingInterceptor",
     "add_standard_services",
     "channel_options",
     "is_retryable",
@@ -190,11 +191,28 @@ def _check_decoded(request: Any) -> None:
         raise InvalidArgument("request", f"cannot be decoded: {request.problem}")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Answers model errors with their mapped status; unexpected ones with INTERNAL."""
+#: Wrapped method handlers kept per interceptor (a server has a few dozen methods; the
+#: bound keeps unknown names from a hostile client from growing it).
+_MAX_WRAPPED_METHODS: Final = 1000
 
-    def __init__(self, *, on_error: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
-        self._on_error = on_error
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's handler once.
+
+    A server hands out the same handler object for a method on every call, so the
+    wrapped handler ``wrap`` builds is kept per method and handed out again while the
+    handler it wraps is the same object; building it per call cost an RPC a few
+    percent of its throughput.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` with this interceptor's work around it (or ``handler`` itself)."""
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -205,8 +223,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
+        if len(self._wrapped) < _MAX_WRAPPED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Answers model errors with their mapped status; unexpected ones with INTERNAL."""
+
+    def __init__(self, *, on_error: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
+        super().__init__()
+        self._on_error = on_error
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),  # type: ignore[arg-type]

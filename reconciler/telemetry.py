@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -54,6 +54,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from reconciler.config import TelemetryExporter, TelemetrySettings, parse_host_port
+from reconciler.rpc import WrappingInterceptor
 
 __all__ = [
     "RPC_LATENCY_BUCKETS_S",
@@ -109,9 +110,6 @@ _SERVER_ERROR_CODES: Final = frozenset(
 )
 
 _OTLP_DEFAULT_ENDPOINT: Final = "http://localhost:4317"
-
-#: Wrapped method handlers kept per server (a server has a few dozen methods).
-_MAX_CACHED_METHODS: Final = 1000
 
 
 # ------------------------------------------------------------------------ export plan
@@ -536,34 +534,18 @@ def _end_span(span: trace.Span, code: grpc.StatusCode, *, server: bool, details:
     span.end()
 
 
-class _ServerInterceptor(grpc.aio.ServerInterceptor):
+class _ServerInterceptor(WrappingInterceptor):
     """One span and one count per RPC, around everything else on the server."""
 
     def __init__(self, *, tracer: trace.Tracer | None, stats: RpcStats | None) -> None:
+        super().__init__()
         self._tracer = tracer
         self._stats = stats
-        self._methods = _Methods()
-        # The wrapped handler of each method, built once: servers hand out the same
-        # handler object for a method on every call.
-        self._wrapped: dict[str | bytes, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, self._methods(handler_call_details.method))
-        if len(self._wrapped) < _MAX_CACHED_METHODS:
-            self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        return self._wrap(handler, _describe(method))
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], described: _Method

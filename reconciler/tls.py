@@ -51,7 +51,7 @@ import grpc
 from reconciler.config import ConfigError, TlsMode, TlsSettings, is_loopback_host, parse_host_port
 from reconciler.model.errors import PermissionDenied
 from reconciler.model.ids import is_valid_node_id
-from reconciler.rpc import channel_options
+from reconciler.rpc import WrappingInterceptor, channel_options
 
 __all__ = [
     "ANY_NODE",
@@ -463,7 +463,7 @@ def require_role(
     return identity
 
 
-class RoleInterceptor(grpc.aio.ServerInterceptor):
+class RoleInterceptor(WrappingInterceptor):
     """Answers PERMISSION_DENIED to callers whose role is not allowed (TLS on only).
 
     Methods whose full name starts with one of ``exempt_prefixes`` (by default the
@@ -477,21 +477,15 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
         tls_enabled: bool,
         exempt_prefixes: Sequence[str] = ("/grpc.health.v1.Health/",),
     ) -> None:
+        super().__init__()
         self._allowed = frozenset(allowed)
         self._tls_enabled = tls_enabled
         self._exempt = tuple(exempt_prefixes)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or not self._tls_enabled:
-            return handler
-        if handler_call_details.method.startswith(self._exempt):
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if not self._tls_enabled or method.startswith(self._exempt):
             return handler
         guarded: grpc.RpcMethodHandler[Any, Any] = _guarded(handler, self._check)
         return guarded
