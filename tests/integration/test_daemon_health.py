@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 
 from reconciler.api.agent.v1 import agent_pb2
-from tests.support.daemon import ALLOWED, DaemonProcess, spec, wait_for
+from tests.support.daemon import ALLOWED_WITH_PYTHON, DaemonProcess, spec, wait_for
 
 pytestmark = pytest.mark.slow
 
 AGENTS = Path(__file__).resolve().parents[2] / "examples" / "agents"
 #: The interpreter may be a venv symlink; the allow-list checks its real path too.
-PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
 INTERVAL_S = 0.5
 TIMEOUT_S = 3.0
 VERSION = "1.2.3"
@@ -33,7 +32,7 @@ VERSION = "1.2.3"
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     process = DaemonProcess(
-        tmp_path / "daemon", settings={"agents": {"allowed_commands": [*ALLOWED, *PYTHON_DIRS]}}
+        tmp_path / "daemon", settings={"agents": {"allowed_commands": ALLOWED_WITH_PYTHON}}
     )
     process.start()
     yield process

@@ -19,12 +19,11 @@ import pytest
 
 from reconciler.api.agent.v1 import agent_pb2
 from reconciler.api.daemon.v1 import daemon_pb2
-from tests.support.daemon import ALLOWED, DaemonProcess, spec, wait_for
+from tests.support.daemon import ALLOWED_WITH_PYTHON, DaemonProcess, spec, wait_for
 
 pytestmark = pytest.mark.slow
 
 AGENTS = Path(__file__).resolve().parents[2] / "examples" / "agents"
-PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
 STEADY = (sys.executable, str(AGENTS / "steady.py"))
 FAILS = (sys.executable, str(AGENTS / "always_fails.py"))
 SILENT = ("/bin/sleep", "3600")
@@ -33,7 +32,7 @@ SILENT = ("/bin/sleep", "3600")
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     process = DaemonProcess(
-        tmp_path / "daemon", settings={"agents": {"allowed_commands": [*ALLOWED, *PYTHON_DIRS]}}
+        tmp_path / "daemon", settings={"agents": {"allowed_commands": ALLOWED_WITH_PYTHON}}
     )
     process.start()
     yield process

@@ -57,7 +57,7 @@ from tests.robustness.invariants import (
     manager_gaps,
 )
 from tests.robustness.node import FakeWallClock, NodeDaemon, NodeManager, PrivateTmpfs
-from tests.support.daemon import ALLOWED, kill_node_processes, spec
+from tests.support.daemon import ALLOWED_WITH_PYTHON, kill_node_processes, spec
 from tests.support.faultproxy import FaultProxy
 
 __all__ = ["Profile", "Scenario", "Stats", "Violation"]
@@ -65,7 +65,6 @@ __all__ = ["Profile", "Scenario", "Stats", "Violation"]
 ROOT = Path(__file__).resolve().parents[2]
 STEADY = ROOT / "examples" / "agents" / "steady.py"
 FORKING = Path(__file__).resolve().parent / "agents" / "forking.py"
-PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
 
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 6.0
@@ -269,7 +268,7 @@ class Scenario:
     def _daemon_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = {
             "agents": {
-                "allowed_commands": [*ALLOWED, *PYTHON_DIRS],
+                "allowed_commands": ALLOWED_WITH_PYTHON,
                 "log_dir": str(self.root / "agent-logs"),
             },
             "backoff": {

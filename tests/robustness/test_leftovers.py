@@ -20,18 +20,17 @@ import pytest
 
 from reconciler.daemon.store import PROCESSES_FILE
 from tests.robustness import procs
-from tests.support.daemon import ALLOWED, DaemonProcess, spec, wait_for
+from tests.support.daemon import ALLOWED_WITH_PYTHON, DaemonProcess, spec, wait_for
 
 pytestmark = pytest.mark.slow
 
 FORKING = Path(__file__).resolve().parent / "agents" / "forking.py"
-PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     process = DaemonProcess(
-        tmp_path / "daemon", settings={"agents": {"allowed_commands": [*ALLOWED, *PYTHON_DIRS]}}
+        tmp_path / "daemon", settings={"agents": {"allowed_commands": ALLOWED_WITH_PYTHON}}
     )
     process.start()
     yield process

@@ -14,18 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import ALLOWED, DaemonProcess, spec, wait_for
+from tests.support.daemon import ALLOWED_WITH_PYTHON, DaemonProcess, spec, wait_for
 
 pytestmark = pytest.mark.slow
 
 STEADY = Path(__file__).resolve().parents[2] / "examples" / "agents" / "steady.py"
-PYTHON_DIRS = [f"{Path(sys.executable).parent}/*", f"{Path(sys.executable).resolve().parent}/*"]
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     process = DaemonProcess(
-        tmp_path / "daemon", settings={"agents": {"allowed_commands": [*ALLOWED, *PYTHON_DIRS]}}
+        tmp_path / "daemon", settings={"agents": {"allowed_commands": ALLOWED_WITH_PYTHON}}
     )
     process.start()
     yield process

@@ -30,6 +30,9 @@ from reconciler.api.agent.v1 import agent_pb2
 from reconciler.api.daemon.v1 import daemon_pb2, daemon_pb2_grpc
 
 ALLOWED = ["/bin/*", "/usr/bin/*", "/usr/local/bin/*", f"{Path(sys.executable).parent}/*"]
+#: ``ALLOWED`` plus the directory the test interpreter resolves to (a venv's python is
+#: a link), for agents that run this Python.
+ALLOWED_WITH_PYTHON = [*ALLOWED, f"{Path(sys.executable).resolve().parent}/*"]
 
 
 def free_port() -> int:
