@@ -507,16 +507,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         desired = {d.node_id: d for d in await self._store.list_desired()}
         nodes: list[node_pb2.NodeInfo] = []
         for stored in await self._store.list_nodes():
-            node = self._readiness.latest(stored)
-            status = self._readiness.status(node)
-            info = node_info(
-                node,
-                status=status,
-                agent_count=len(self._changes.agents_of(desired.get(node.node_id))),
-            )
-            if _labels_match(node.labels, selector) and request.status in (0, info.status):
+            info, _ = self._node_info(stored, desired.get(stored.node_id))
+            if _labels_match(stored.labels, selector) and request.status in (0, info.status):
                 nodes.append(info)
         return fleet_pb2.ListNodesResponse(nodes=sorted(nodes, key=lambda n: n.node_id))
+
+    def _node_info(
+        self, stored: NodeRecord, desired: DesiredRecord | None
+    ) -> tuple[node_pb2.NodeInfo, NodeStatus]:
+        """A node as operators see it (the newest heartbeat seen here, its status and
+        agent count), and its status."""
+        node = self._readiness.latest(stored)
+        status = self._readiness.status(node)
+        agent_count = len(self._changes.agents_of(desired))
+        return node_info(node, status=status, agent_count=agent_count), status
 
     async def DeleteNode(
         self, request: fleet_pb2.DeleteNodeRequest, context: Context
@@ -526,10 +530,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         stored = await self._store.get_node(node_id)
         if stored is None:
             raise NotFound("node", node_id)
-        node = self._readiness.latest(stored)
-        status = self._readiness.status(node)
-        desired = await self._store.get_desired(node_id)
-        info = node_info(node, status=status, agent_count=len(self._changes.agents_of(desired)))
+        info, status = self._node_info(stored, await self._store.get_desired(node_id))
         if not await self._store.delete_node(node_id):
             raise NotFound("node", node_id)  # deleted by another call meanwhile
         await self._channels.forget(node_id)
