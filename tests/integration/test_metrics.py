@@ -113,13 +113,18 @@ def test_refused_rpcs_and_heartbeats_are_counted_by_code_and_reason(
     )
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(request, timeout=5)
-    samples = scrape(address)
     stale = (
         ("grpc_code", "FAILED_PRECONDITION"),
         ("grpc_method", "SyncAgentStates"),
         ("grpc_service", "reconciler.api.daemon.v1.DaemonService"),
     )
-    assert samples[("reconciler_grpc_server_handled_total", stale)] == 1
+    # An aborted call's status reaches the client before the server's interceptor
+    # has counted it: the count is due soon after, not before the caller hears.
+    wait_for(
+        lambda: scrape(address).get(("reconciler_grpc_server_handled_total", stale)) == 1,
+        what="the refused call counted once",
+    )
+    samples = scrape(address)
     rejected = {
         key[1]: value
         for key, value in samples.items()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -331,6 +332,12 @@ async def test_a_failed_call_records_its_code_and_an_error_status_where_it_is_on
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await channel.unary_unary(f"/{_SERVICE}/Ping")(payload)
     assert raised.value.code() is code
+    # An aborted call's status reaches the client before the server interceptor's
+    # ``finally`` has run; wait for that, not for any time.
+    for _ in range(500):
+        if parts.server_stats.handled("test.Echo", "Ping", code):
+            break
+        await asyncio.sleep(0.01)
     spans = parts.spans()
     server, client = spans["SERVER:test.Echo/Ping"], spans["CLIENT:test.Echo/Ping"]
     assert server.attributes is not None
