@@ -311,8 +311,28 @@ def resource_point(wall_s: float, cpu: float, memory: int) -> metrics_pb2.Resour
 
 def message_to_dict(value: message.Message) -> dict[str, Any]:
     """A message in protobuf's canonical JSON mapping (camelCase names, enum names),
-    with every field present, so scripts reading it need no defaults."""
-    return json_format.MessageToDict(value, always_print_fields_with_no_presence=True)
+    with every field present, so scripts reading it need no defaults: a message field
+    not set (an agent not observed yet has no ``info``) is ``None``, not left out."""
+    data = json_format.MessageToDict(value, always_print_fields_with_no_presence=True)
+    _null_unset_messages(value, data)
+    return data
+
+
+def _null_unset_messages(value: message.Message, data: dict[str, Any]) -> None:
+    for field in value.DESCRIPTOR.fields:
+        if field.message_type is None or field.containing_oneof is not None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            continue
+        name = field.json_name
+        if field.is_repeated:
+            for item, item_data in zip(getattr(value, field.name), data.get(name, ()), strict=True):
+                if isinstance(item_data, dict):
+                    _null_unset_messages(item, item_data)
+        elif not value.HasField(field.name):
+            data[name] = None
+        elif isinstance(data.get(name), dict):  # well-known types map to other JSON
+            _null_unset_messages(getattr(value, field.name), data[name])
 
 
 def message_to_json(value: message.Message) -> str:

@@ -58,7 +58,10 @@ def test_dev_runs_the_quickstart_and_every_command_works_beside_it(tmp_path: Pat
         running = wait_for(
             lambda: (
                 (found := agents())
-                and all(a["info"].get("phase") == "AGENT_PHASE_RUNNING" for a in found.values())
+                # info is null until the daemon has reported the agent
+                and all(
+                    (a["info"] or {}).get("phase") == "AGENT_PHASE_RUNNING" for a in found.values()
+                )
                 and len(found) == 4
                 and found
             ),

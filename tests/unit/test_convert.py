@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.api.agent.v1 import agent_pb2, event_pb2
+from reconciler.api.agent.v1 import agent_pb2, event_pb2, metrics_pb2
 from reconciler.convert import (
     Clocks,
     event_from_proto,
     event_to_proto,
+    message_to_dict,
     operation_from_proto,
     record_to_info,
     spec_from_proto,
@@ -112,3 +113,22 @@ def test_an_unknown_event_type_is_refused() -> None:
 def test_an_unspecified_operation_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="operation"):
         operation_from_proto(agent_pb2.OPERATION_UNSPECIFIED)
+
+
+def test_json_for_scripts_has_every_field_and_null_for_a_message_not_set() -> None:
+    state = agent_pb2.AgentState(spec=spec_to_proto(FULL), node_id="edge-1")
+    data = message_to_dict(state)
+    assert data["info"] is None  # not observed yet
+    assert data["spec"]["heartbeat"] == {"intervalSeconds": 5.0, "timeoutSeconds": 15.0}
+    assert data["spec"]["config"] == {"batch": 500.0, "targets": ["a", "b"], "tls": {"on": True}}
+
+    state.info.phase = agent_pb2.AGENT_PHASE_RUNNING
+    state.info.started_at.FromSeconds(1_700_000_000)
+    info = message_to_dict(state)["info"]
+    assert info["startedAt"] == "2023-11-14T22:13:20Z"
+    assert info["lastHeartbeatAt"] is None
+    assert info["pid"] == 0  # a scalar keeps its default
+
+    point = metrics_pb2.ResourceDataPoint(cpu_percent=1.5)
+    series = message_to_dict(metrics_pb2.MetricData(agent_id="a", data_points=[point]))
+    assert series["dataPoints"] == [{"timestamp": None, "cpuPercent": 1.5, "memoryBytes": "0"}]
