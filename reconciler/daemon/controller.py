@@ -328,21 +328,32 @@ class Controller:
         self._mark_observed()
 
     async def stop(self, *, stop_agents: bool = False) -> None:
-        """Stop the loop; agents keep running unless ``stop_agents``."""
-        if stop_agents:
-            await asyncio.gather(
-                *(
-                    self._supervisor.stop(h, grace_s=self._grace(a))
-                    for a, h in self._handles.items()
-                ),
-                return_exceptions=True,
-            )
+        """Stop the loop; agents keep running unless ``stop_agents``.
+
+        The loop stops first: while it runs, an agent exiting because it was stopped
+        here would be restarted by its restart policy, and outlive the daemon.
+        """
         self._queue.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if stop_agents:
+            await asyncio.gather(*self._stop_all("the daemon is exiting"), return_exceptions=True)
         self._save_processes_now()
         await self._supervisor.close()
+
+    def _stop_all(self, reason: str) -> list[Coroutine[Any, Any, None]]:
+        """Stop every live agent, each recorded as stopping for ``reason`` (so its exit
+        reads as stopped, not as a crash), unless a stop is already under way."""
+        now = self._clock.monotonic()
+        stops = []
+        for agent_id, handle in list(self._handles.items()):
+            action = Stop(grace_s=self._grace(agent_id), reason=reason)
+            record = self._records.get(agent_id)
+            if record is not None and record.stop is None:
+                self._records[agent_id] = apply_stop_requested(record, action, now=now)
+            stops.append(self._supervisor.stop(handle, grace_s=action.grace_s))
+        return stops
 
     def set_agent_env(self, name: str, value: str) -> None:
         """Hand ``name=value`` to every agent started from now on (e.g. a bound address)."""

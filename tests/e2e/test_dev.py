@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import wait_for
+from tests.support.daemon import node_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,8 @@ def test_dev_runs_the_quickstart_and_every_command_works_beside_it(tmp_path: Pat
         assert restart.returncode == 0, restart.stderr
         wait_for(
             lambda: (
-                agents().get("steady", {}).get("info", {}).get("pid") not in (None, pids["steady"])
+                (agents().get("steady", {}).get("info") or {}).get("pid")
+                not in (None, pids["steady"])
             ),
             what="steady restarted",
         )
@@ -96,3 +97,5 @@ def test_dev_runs_the_quickstart_and_every_command_works_beside_it(tmp_path: Pat
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+    # Nor any agent started again while stopping (each carries the node's id).
+    assert node_processes(socket.gethostname()) == []

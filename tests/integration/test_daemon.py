@@ -150,6 +150,26 @@ def test_a_forking_agent_leaves_no_process_behind_after_stop(daemon: DaemonProce
     wait_for(lambda: not daemon.node_processes(), what="no process left")
 
 
+def test_a_daemon_told_to_stop_its_agents_on_exit_leaves_none_running(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path / "daemon", settings={"agents": {"stop_agents_on_exit": True}})
+    try:
+        daemon.start()
+        daemon.sync(1, fleet(20))  # restart policy Always: an exit is normally restarted
+        wait_for(lambda: len(daemon.running()) == 20, what="20 running")
+        pids = {p.pid for p in daemon.node_processes()}
+
+        assert daemon.terminate() == 0
+        assert daemon.node_processes() == [], "no agent was started again while stopping"
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        log = daemon.log_text()
+        assert log.count("the daemon is exiting") == 20, "each exit recorded as a stop"
+        assert "AgentExited" not in log
+    finally:
+        daemon.close()
+
+
 def test_a_killed_daemon_adopts_its_agents_and_restarts_only_the_dead(
     daemon: DaemonProcess,
 ) -> None:
