@@ -10,29 +10,42 @@ change and changes nothing.
 they touch has acted on its desired generation, and every agent of theirs that should
 run is Running), showing a progress bar of nodes and agents on stderr. It exits 1
 with the reasons when an agent fails for good or the timeout passes.
+
+``--daemon ADDR`` applies to one standalone daemon instead, with no Manager: the
+agents of the sets that select that node (by its id and labels, as the Manager would
+place them) become its whole desired state, sent as the next generation with
+SyncAgentStates; agents of earlier applies that no set places any more are stopped. A
+daemon that takes its desired state from a Manager is refused, since the Manager would
+replace what was sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import click
+import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reconciler.api.agent.v1 import agent_pb2, node_pb2
+from reconciler.api.daemon.v1 import daemon_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
-from reconciler.cli.client import FleetClient, run
+from reconciler.cli.client import DaemonClient, FleetClient, run
 from reconciler.cli.connection import ManagerConnection, manager_options
 from reconciler.cli.get_cmd import enum_word
 from reconciler.cli.options import DURATION, CliError
 from reconciler.cli.output import OutputFormat, output_option, print_records
-from reconciler.convert import message_to_dict
-from reconciler.manager.agentset import AgentSetFileError, load_agent_set_file
+from reconciler.convert import message_to_dict, spec_from_proto, spec_to_proto
+from reconciler.manager.agentset import AgentSetFileError, check_agent_set, load_agent_set_file
+from reconciler.manager.plan import AgentConflict, NodePlan, NodeState, SetDefinition, plan
+from reconciler.model.errors import InvalidArgument
 
 __all__ = ["Convergence", "apply", "convergence", "describe_change"]
 
@@ -59,6 +72,13 @@ POLL_INTERVAL_S: Final = 0.5
     show_default=True,
     help="How long --wait waits (e.g. 90s, 5m).",
 )
+@click.option(
+    "--daemon",
+    "daemon_address",
+    metavar="ADDR",
+    help="Apply to this standalone daemon (host:port or unix:PATH) instead of the Manager: "
+    "the agents the sets place on its node become its whole desired state.",
+)
 @manager_options
 @output_option()
 @click.pass_context
@@ -68,6 +88,7 @@ def apply(
     dry_run: bool,
     wait: bool,
     timeout: float,
+    daemon_address: str | None,
     connection: ManagerConnection,
     output: OutputFormat,
 ) -> None:
@@ -76,6 +97,15 @@ def apply(
         agent_sets = [message for path in files for message in load_agent_set_file(path)]
     except AgentSetFileError as error:
         raise CliError(str(error)) from None
+    if daemon_address is not None:
+        apply_to_daemon(
+            DaemonClient(daemon_address, connection),
+            agent_sets,
+            dry_run=dry_run,
+            wait_s=timeout if wait else None,
+            output=output,
+        )
+        return
     client = FleetClient(connection)
     responses = run(_apply(client, agent_sets, dry_run=dry_run), address=client.address)
     _print_results(responses, output, dry_run=dry_run)
@@ -94,6 +124,143 @@ async def _apply(
             request = fleet_pb2.ApplyAgentSetRequest(agent_set=agent_set, dry_run=dry_run)
             responses.append(await client.fleet.ApplyAgentSet(request, timeout=client.timeout_s))
     return responses
+
+
+# ------------------------------------------------------------------------ --daemon
+
+
+def apply_to_daemon(
+    client: DaemonClient,
+    agent_sets: Sequence[fleet_pb2.AgentSet],
+    *,
+    dry_run: bool,
+    wait_s: float | None,
+    output: OutputFormat,
+) -> None:
+    """``apply --daemon ADDR``: the sets' agents on that node, as its next generation."""
+    try:
+        definitions = [check_agent_set(message).definition for message in agent_sets]
+    except InvalidArgument as error:
+        raise CliError(str(error)) from None
+    change = run(_sync_daemon(client, definitions, dry_run=dry_run), address=client.address,
+                 peer="the daemon")  # fmt: skip
+    if output is not OutputFormat.TABLE:
+        print_records([change], output)
+    elif change["generation"] == change["previousGeneration"]:
+        click.echo(f"node/{change['nodeId']} unchanged (generation {change['generation']})")
+    else:
+        verb = "configured (dry run)" if dry_run else "configured"
+        click.echo(f"node/{change['nodeId']} {verb}")
+        click.echo(describe_change(fleet_pb2.NodeChange(
+            node_id=change["nodeId"],
+            previous_generation=change["previousGeneration"],
+            generation=change["generation"],
+            added_agent_ids=change["added"],
+            changed_agent_ids=change["changed"],
+            removed_agent_ids=change["removed"],
+        )))  # fmt: skip
+    if wait_s is not None and not dry_run:
+        run(_wait_daemon(client, change["generation"], timeout_s=wait_s),
+            address=client.address, peer="the daemon")  # fmt: skip
+
+
+async def _sync_daemon(
+    client: DaemonClient, definitions: Sequence[SetDefinition], *, dry_run: bool
+) -> dict[str, Any]:
+    async with client:
+        config = await client.daemon.GetConfig(
+            daemon_pb2.GetConfigRequest(), timeout=client.timeout_s
+        )
+        settings = json.loads(config.settings_json or "{}")
+        manager = settings.get("manager", {}).get("address", "")
+        if manager:
+            raise CliError(
+                f"node {config.node_id} takes its desired state from the Manager at "
+                f"{manager}: apply through the Manager (--manager), or run the daemon "
+                "with manager.address empty"
+            )
+        listed = await client.daemon.ListAgents(
+            daemon_pb2.ListAgentsRequest(), timeout=client.timeout_s
+        )
+        node = NodeState(
+            node_id=config.node_id,
+            labels=settings.get("node", {}).get("labels", {}),
+            generation=listed.current_generation,
+            agents=tuple(spec_from_proto(a.spec) for a in listed.agents if a.spec.id),
+        )
+        try:
+            planned = plan(definitions, [node]).nodes
+        except AgentConflict as conflict:
+            raise CliError(str(conflict)) from None
+        if planned and not dry_run:
+            await _send(client, planned[0])
+    return _change_record(node, planned[0] if planned else None, dry_run=dry_run)
+
+
+async def _send(client: DaemonClient, node_plan: NodePlan) -> None:
+    request = daemon_pb2.SyncAgentStatesRequest(
+        node_id=node_plan.node_id,
+        generation=node_plan.generation,
+        agents=[spec_to_proto(spec) for spec in node_plan.agents],
+    )
+    try:
+        await client.daemon.SyncAgentStates(request, timeout=client.timeout_s)
+    except grpc.aio.AioRpcError as error:
+        if error.code() is grpc.StatusCode.INVALID_ARGUMENT:
+            refused = _name_agent(error.details() or "", node_plan)
+            raise CliError(f"the daemon refused {refused}") from None
+        if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        raise CliError(
+            f"node {node_plan.node_id} moved past generation {node_plan.previous_generation} "
+            f"while this apply ran ({error.details()}); apply again"
+        ) from None
+
+
+def _name_agent(details: str, node_plan: NodePlan) -> str:
+    """``agents[1].command[0]: ...`` -> ``agent 'tail' (agents[1].command[0]): ...``."""
+    found = re.match(r"agents\[(\d+)\]", details)
+    if found is None or int(found.group(1)) >= len(node_plan.agents):
+        return details
+    return f"agent {node_plan.agents[int(found.group(1))].id!r} ({details.replace(': ', '): ', 1)}"
+
+
+def _change_record(node: NodeState, node_plan: NodePlan | None, *, dry_run: bool) -> dict[str, Any]:
+    return {
+        "nodeId": node.node_id,
+        "previousGeneration": node.generation,
+        "generation": node_plan.generation if node_plan else node.generation,
+        "added": list(node_plan.added) if node_plan else [],
+        "changed": list(node_plan.changed) if node_plan else [],
+        "removed": list(node_plan.removed) if node_plan else [],
+        "dryRun": dry_run,
+    }
+
+
+async def _wait_daemon(client: DaemonClient, generation: int, *, timeout_s: float) -> None:
+    """Until the daemon has acted on ``generation`` and every agent desired running runs."""
+    deadline = time.monotonic() + timeout_s
+    waiting: list[str] = []
+    async with client:
+        while True:
+            listed = await client.daemon.ListAgents(
+                daemon_pb2.ListAgentsRequest(), timeout=client.timeout_s
+            )
+            acted = listed.observed_generation >= generation
+            waiting = [
+                f"{a.spec.id}: {_phase(a.info)}"
+                for a in listed.agents
+                if a.spec.state == agent_pb2.DESIRED_STATE_RUNNING
+                and a.info.phase != agent_pb2.AGENT_PHASE_RUNNING
+            ]
+            if acted and not waiting:
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(POLL_INTERVAL_S)
+    if not acted:
+        waiting.insert(0, f"generation {generation} not acted on yet")
+    raise CliError(f"not converged within {timeout_s:g}s: " + "; ".join(waiting))
 
 
 # ------------------------------------------------------------------------ printing
