@@ -632,6 +632,7 @@ class Controller:
         if target.fingerprint() == current.fingerprint():
             return UpdateResult(UpdateOutcome.UNCHANGED, old, old, "already running this version")
         generation = self.generation
+        earlier_patch = self._patches.get(agent_id)  # an update that succeeded before
         self._patches[agent_id] = target
         self._queue.add(agent_id)
         if await self._healthy_within(agent_id, target, deadline_s=deadline_s):
@@ -642,8 +643,11 @@ class Controller:
         if self.generation != generation:
             message = f"superseded by generation {self.generation}"
             return UpdateResult(UpdateOutcome.FAILED, old, new, message)
-        if self._patches.get(agent_id) is target:
-            del self._patches[agent_id]
+        if self._patches.get(agent_id) is target:  # back to ``current``, patch or not
+            if earlier_patch is None:
+                del self._patches[agent_id]
+            else:
+                self._patches[agent_id] = earlier_patch
         record = self._records.get(agent_id)
         if record is not None:
             # The crashes and starts were the new version's: the previous one starts

@@ -180,3 +180,20 @@ def test_a_newer_generation_replaces_the_pushed_version(daemon: DaemonProcess) -
     assert info.desired_version == "1"
     assert daemon.list().observed_generation == 2
     assert len(daemon.node_processes()) == 1
+
+
+def test_a_rolled_back_update_returns_to_the_version_an_earlier_update_installed(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, [steady("twice")])
+    running_version(daemon, "twice", "1")
+    assert (
+        push(daemon, "twice", "2", deadline_s=20.0).outcome == daemon_pb2.UPDATE_OUTCOME_SUCCEEDED
+    )
+    running_version(daemon, "twice", "2")
+
+    answer = push(daemon, "twice", "3", SILENT, deadline_s=3.0)
+    assert answer.outcome == daemon_pb2.UPDATE_OUTCOME_ROLLED_BACK, answer.message
+    assert (answer.previous_version, answer.current_version) == ("2", "2")
+    running_version(daemon, "twice", "2")
+    assert daemon.agents()["twice"].desired_version == "2"
