@@ -9,6 +9,8 @@ its EventLog writes every event as ``<Type> <agent>: <message>``.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -197,3 +199,33 @@ def test_a_rolled_back_update_returns_to_the_version_an_earlier_update_installed
     assert (answer.previous_version, answer.current_version) == ("2", "2")
     running_version(daemon, "twice", "2")
     assert daemon.agents()["twice"].desired_version == "2"
+
+
+def cli_update(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "reconciler", "agent", "update", "--daemon", daemon.address]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=90, check=False)
+
+
+def test_the_cli_rolls_an_agent_forward_and_exits_1_when_it_is_rolled_back(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, [steady("cli")])
+    running_version(daemon, "cli", "1")
+
+    forward = cli_update(daemon, "cli", "--version", "2", "--health-deadline", "20s")
+    assert forward.returncode == 0, forward.stderr
+    assert f"agent cli on {daemon.address}: succeeded, 1 -> 2" in forward.stdout
+    running_version(daemon, "cli", "2")
+
+    broken = ("cli", "--version", "3", "--health-deadline", "3s", "-o", "json", "--", *SILENT)
+    back = cli_update(daemon, *broken)
+    assert back.returncode == 1
+    assert "agent cli: update rolled back" in back.stderr
+    answer = json.loads(back.stdout)[0]
+    assert answer["outcome"] == "UPDATE_OUTCOME_ROLLED_BACK"
+    assert (answer["previousVersion"], answer["currentVersion"]) == ("2", "2")
+    running_version(daemon, "cli", "2")
+
+    unknown = cli_update(daemon, "nobody", "--version", "2")
+    assert unknown.returncode == 1
+    assert "NOT_FOUND" in unknown.stderr

@@ -78,13 +78,23 @@ def test_the_top_level_help_lists_every_command_and_the_global_options(runner: C
     assert "--log-level" in result.stdout
 
 
-def test_the_agent_group_has_start_stop_and_restart() -> None:
+def test_the_agent_group_has_start_stop_restart_and_update() -> None:
     assert {p for p in ALL_PATHS if p[:1] == ("agent",)} == {
         ("agent",),
         ("agent", "start"),
         ("agent", "stop"),
         ("agent", "restart"),
+        ("agent", "update"),
     }
+
+
+def test_update_needs_a_version_and_a_daemon(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["agent", "update", "a1", "--daemon", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "Missing option '--version'" in result.stderr
+    result = runner.invoke(cli, ["agent", "update", "a1", "--version", "2"])
+    assert result.exit_code == 2
+    assert "Missing option '--daemon'" in result.stderr
 
 
 def test_node_and_daemon_together_are_a_usage_error(runner: CliRunner) -> None:
