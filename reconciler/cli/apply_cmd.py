@@ -25,7 +25,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -160,8 +160,10 @@ def apply_to_daemon(
             removed_agent_ids=change["removed"],
         )))  # fmt: skip
     if wait_s is not None and not dry_run:
-        run(_wait_daemon(client, change["generation"], timeout_s=wait_s),
-            address=client.address, peer="the daemon")  # fmt: skip
+        final = run(_wait_daemon(client, change["nodeId"], change["generation"], timeout_s=wait_s),
+                    address=client.address, peer="the daemon")  # fmt: skip
+        if not final.converged:
+            raise CliError(_failure_text(final, timeout_s=wait_s))
 
 
 async def _sync_daemon(
@@ -237,30 +239,28 @@ def _change_record(node: NodeState, node_plan: NodePlan | None, *, dry_run: bool
     }
 
 
-async def _wait_daemon(client: DaemonClient, generation: int, *, timeout_s: float) -> None:
-    """Until the daemon has acted on ``generation`` and every agent desired running runs."""
-    deadline = time.monotonic() + timeout_s
-    waiting: list[str] = []
+async def _wait_daemon(
+    client: DaemonClient, node_id: str, generation: int, *, timeout_s: float
+) -> Convergence:
+    """Poll the daemon as ``_wait`` polls the Manager, for one node."""
+
+    async def snapshot() -> tuple[
+        dict[str, int], list[node_pb2.NodeInfo], list[agent_pb2.AgentState]
+    ]:
+        listed = await client.daemon.ListAgents(
+            daemon_pb2.ListAgentsRequest(), timeout=client.timeout_s
+        )
+        node = node_pb2.NodeInfo(
+            node_id=node_id,
+            desired_generation=listed.current_generation,
+            observed_generation=listed.observed_generation,
+        )
+        for state in listed.agents:
+            state.node_id = node_id
+        return {node_id: generation}, [node], list(listed.agents)
+
     async with client:
-        while True:
-            listed = await client.daemon.ListAgents(
-                daemon_pb2.ListAgentsRequest(), timeout=client.timeout_s
-            )
-            acted = listed.observed_generation >= generation
-            waiting = [
-                f"{a.spec.id}: {_phase(a.info)}"
-                for a in listed.agents
-                if a.spec.state == agent_pb2.DESIRED_STATE_RUNNING
-                and a.info.phase != agent_pb2.AGENT_PHASE_RUNNING
-            ]
-            if acted and not waiting:
-                return
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(POLL_INTERVAL_S)
-    if not acted:
-        waiting.insert(0, f"generation {generation} not acted on yet")
-    raise CliError(f"not converged within {timeout_s:g}s: " + "; ".join(waiting))
+        return await _poll(snapshot, timeout_s=timeout_s)
 
 
 # ------------------------------------------------------------------------ printing
@@ -404,30 +404,47 @@ def _targets(
     return targets
 
 
+#: One look at the fleet for --wait: node id -> the generation the apply produced,
+#: the nodes, and the applied agents.
+Snapshot = Callable[
+    [], Awaitable[tuple[dict[str, int], list[node_pb2.NodeInfo], list[agent_pb2.AgentState]]]
+]
+
+
 async def _wait(
     client: FleetClient,
     responses: Sequence[fleet_pb2.ApplyAgentSetResponse],
     *,
     timeout_s: float,
 ) -> Convergence:
-    """Poll until converged, an agent failed for good, or the timeout; the last state."""
+    """Poll the Manager until converged, an agent failed for good, or the timeout."""
     names = [r.agent_set.metadata.name for r in responses]
+
+    async def snapshot() -> tuple[
+        dict[str, int], list[node_pb2.NodeInfo], list[agent_pb2.AgentState]
+    ]:
+        nodes, agents = await _snapshot(client, names)
+        return _targets(responses, agents), nodes, agents
+
+    async with client:
+        return await _poll(snapshot, timeout_s=timeout_s)
+
+
+async def _poll(snapshot: Snapshot, *, timeout_s: float) -> Convergence:
+    """Until converged, an agent failed for good, or the timeout; the last state,
+    with progress bars of nodes and agents on stderr."""
     deadline = time.monotonic() + timeout_s
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True)) as progress:
         nodes_bar = progress.add_task("nodes converged ", total=None)
         agents_bar = progress.add_task("agents running  ", total=None)
-        async with client:
-            while True:
-                nodes, agents = await _snapshot(client, names)
-                state = convergence(_targets(responses, agents), nodes, agents)
-                progress.update(nodes_bar, total=state.nodes_total, completed=state.nodes_done)
-                progress.update(
-                    agents_bar, total=state.agents_total, completed=state.agents_running
-                )
-                if state.converged or state.failed or time.monotonic() >= deadline:
-                    return state
-                await asyncio.sleep(POLL_INTERVAL_S)
+        while True:
+            state = convergence(*await snapshot())
+            progress.update(nodes_bar, total=state.nodes_total, completed=state.nodes_done)
+            progress.update(agents_bar, total=state.agents_total, completed=state.agents_running)
+            if state.converged or state.failed or time.monotonic() >= deadline:
+                return state
+            await asyncio.sleep(POLL_INTERVAL_S)
 
 
 def _failure_text(state: Convergence, *, timeout_s: float) -> str:

@@ -85,6 +85,17 @@ def test_the_sets_selecting_the_node_become_its_desired_state(
     assert after["p"] == pids["p"]
 
 
+def test_wait_ends_at_once_with_the_reason_when_an_agent_fails_for_good(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    broken = {"id": "broken", "command": ["/bin/false"], "restartPolicy": "Never"}
+    path = write(tmp_path / "s.yaml", agent_set_yaml("s", agents=[sleeper("a"), broken]))
+    failed = apply(daemon, path, "--wait", "--timeout", "5m")
+    assert failed.returncode == 1
+    assert "failed: agents stopped for good:" in failed.stderr
+    assert f"agent broken on {daemon.node_id}: Failed" in failed.stderr
+
+
 def test_a_bad_file_or_agent_changes_nothing(daemon: DaemonProcess, tmp_path: Path) -> None:
     good = write(tmp_path / "good.yaml", agent_set_yaml("s", agents=[sleeper("a")]))
     assert apply(daemon, good, "--wait").returncode == 0
