@@ -48,6 +48,14 @@ _UPDATE_SLACK_S: Final = 60.0
 _GOOD_OUTCOMES: Final = (daemon_pb2.UPDATE_OUTCOME_SUCCEEDED, daemon_pb2.UPDATE_OUTCOME_UNCHANGED)
 
 
+#: ``--operation-id``, shared by every command that acts on an agent.
+_operation_id = click.option(
+    "--operation-id",
+    metavar="ID",
+    help="Idempotency key: a retried call with the same id acts once.",
+)
+
+
 @click.group()
 def agent() -> None:
     """Start, stop, restart or update one agent."""
@@ -56,11 +64,7 @@ def agent() -> None:
 def _operation(name: str, help_text: str) -> click.Command:
     @click.argument("agent_id", metavar="ID")
     @target_options
-    @click.option(
-        "--operation-id",
-        metavar="ID",
-        help="Idempotency key: a retried call with the same id acts once.",
-    )
+    @_operation_id
     @manager_options
     @click.pass_context
     def run_operation(
@@ -158,11 +162,7 @@ def _operate_on_daemon(
     required=True,
     help="The daemon (host:port or unix:PATH) that runs the agent.",
 )
-@click.option(
-    "--operation-id",
-    metavar="ID",
-    help="Idempotency key: a retried call with the same id acts once.",
-)
+@_operation_id
 @manager_options
 @output_option()
 @click.pass_context

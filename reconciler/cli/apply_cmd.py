@@ -44,6 +44,7 @@ from reconciler.cli.options import DURATION, CliError
 from reconciler.cli.output import OutputFormat, output_option, print_records
 from reconciler.convert import message_to_dict, spec_from_proto, spec_to_proto
 from reconciler.manager.agentset import AgentSetFileError, check_agent_set, load_agent_set_file
+from reconciler.manager.fleet import node_change
 from reconciler.manager.plan import AgentConflict, NodePlan, NodeState, SetDefinition, plan
 from reconciler.model.errors import InvalidArgument
 
@@ -145,22 +146,15 @@ def apply_to_daemon(
     change = run(_sync_daemon(client, definitions, dry_run=dry_run), address=client.address,
                  peer="the daemon")  # fmt: skip
     if output is not OutputFormat.TABLE:
-        print_records([change], output)
-    elif change["generation"] == change["previousGeneration"]:
-        click.echo(f"node/{change['nodeId']} unchanged (generation {change['generation']})")
+        print_records([_change_record(change, dry_run=dry_run)], output)
+    elif change.generation == change.previous_generation:
+        click.echo(f"node/{change.node_id} unchanged (generation {change.generation})")
     else:
         verb = "configured (dry run)" if dry_run else "configured"
-        click.echo(f"node/{change['nodeId']} {verb}")
-        click.echo(describe_change(fleet_pb2.NodeChange(
-            node_id=change["nodeId"],
-            previous_generation=change["previousGeneration"],
-            generation=change["generation"],
-            added_agent_ids=change["added"],
-            changed_agent_ids=change["changed"],
-            removed_agent_ids=change["removed"],
-        )))  # fmt: skip
+        click.echo(f"node/{change.node_id} {verb}")
+        click.echo(describe_change(change))
     if wait_s is not None and not dry_run:
-        final = run(_wait_daemon(client, change["nodeId"], change["generation"], timeout_s=wait_s),
+        final = run(_wait_daemon(client, change.node_id, change.generation, timeout_s=wait_s),
                     address=client.address, peer="the daemon")  # fmt: skip
         if not final.converged:
             raise CliError(_failure_text(final, timeout_s=wait_s))
@@ -168,7 +162,7 @@ def apply_to_daemon(
 
 async def _sync_daemon(
     client: DaemonClient, definitions: Sequence[SetDefinition], *, dry_run: bool
-) -> dict[str, Any]:
+) -> fleet_pb2.NodeChange:
     async with client:
         config = await client.daemon.GetConfig(
             daemon_pb2.GetConfigRequest(), timeout=client.timeout_s
@@ -196,7 +190,11 @@ async def _sync_daemon(
             raise CliError(str(conflict)) from None
         if planned and not dry_run:
             await _send(client, planned[0])
-    return _change_record(node, planned[0] if planned else None, dry_run=dry_run)
+    if not planned:
+        return fleet_pb2.NodeChange(
+            node_id=node.node_id, previous_generation=node.generation, generation=node.generation
+        )
+    return node_change(planned[0])
 
 
 async def _send(client: DaemonClient, node_plan: NodePlan) -> None:
@@ -227,14 +225,14 @@ def _name_agent(details: str, node_plan: NodePlan) -> str:
     return f"agent {node_plan.agents[int(found.group(1))].id!r} ({details.replace(': ', '): ', 1)}"
 
 
-def _change_record(node: NodeState, node_plan: NodePlan | None, *, dry_run: bool) -> dict[str, Any]:
+def _change_record(change: fleet_pb2.NodeChange, *, dry_run: bool) -> dict[str, Any]:
     return {
-        "nodeId": node.node_id,
-        "previousGeneration": node.generation,
-        "generation": node_plan.generation if node_plan else node.generation,
-        "added": list(node_plan.added) if node_plan else [],
-        "changed": list(node_plan.changed) if node_plan else [],
-        "removed": list(node_plan.removed) if node_plan else [],
+        "nodeId": change.node_id,
+        "previousGeneration": change.previous_generation,
+        "generation": change.generation,
+        "added": list(change.added_agent_ids),
+        "changed": list(change.changed_agent_ids),
+        "removed": list(change.removed_agent_ids),
         "dryRun": dry_run,
     }
 
