@@ -307,7 +307,11 @@ class ProcessSupervisor:
         self._callback = callback
 
     async def start(self, spec: AgentSpec, *, env: Mapping[str, str]) -> ProcessHandle:
-        """Spawn ``spec`` in its own session; raise ``SpawnError`` saying why it cannot."""
+        """Spawn ``spec`` in its own session; raise ``SpawnError`` saying why it cannot.
+
+        Returns once the kernel has accepted the exec; the new program may still be
+        loading (its /proc command line can read empty for a fraction of a millisecond).
+        """
         loop = self._bind_loop()
         argv = self._argv(spec)
         user = self._resolve_user(spec.user)
@@ -318,10 +322,12 @@ class ProcessSupervisor:
         except OSError as error:
             raise SpawnError(f"cannot open the log file of {spec.id}: {error}") from None
         try:
+            before_ns = procfs.boot_clock_ns()
             pid = spawn_process(argv, cwd=cwd, env=environ, user=user, log_fd=log_fd)
+            start_ticks = procfs.start_ticks_between(before_ns, procfs.boot_clock_ns())
         finally:
             os.close(log_fd)
-        return self._track_spawned(spec.id, pid, argv, loop)
+        return self._track_spawned(spec.id, pid, argv, loop, start_ticks=start_ticks)
 
     async def stop(self, handle: ProcessHandle, *, grace_s: float) -> None:
         """SIGTERM the group and descendants, SIGKILL after ``grace_s``; return once gone."""
@@ -445,11 +451,18 @@ class ProcessSupervisor:
         return cwd
 
     def _track_spawned(
-        self, agent_id: AgentId, pid: int, argv: tuple[str, ...], loop: asyncio.AbstractEventLoop
+        self,
+        agent_id: AgentId,
+        pid: int,
+        argv: tuple[str, ...],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        start_ticks: int | None,
     ) -> ProcessHandle:
-        # The child is unreaped, so its /proc entry exists even if it already exited.
-        stat = procfs.read_stat(pid)
-        handle = ProcessHandle(agent_id, pid, stat.start_ticks if stat else 0, argv)
+        if start_ticks is None:
+            # The child is unreaped, so its /proc entry exists even if it already exited.
+            start_ticks = procfs.read_start_ticks(pid) or 0
+        handle = ProcessHandle(agent_id, pid, start_ticks, argv)
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as error:

@@ -110,6 +110,7 @@ async def test_an_agent_runs_in_its_own_session_with_devnull_stdin_and_a_log_fil
     supervisor: ProcessSupervisor,
 ) -> None:
     handle = await supervisor.start(spec("sleeper", SLEEP, "60"), env={})
+    await eventually(lambda: procfs.read_cmdline(handle.pid) == (SLEEP, "60"), what="the exec")
     stat = procfs.read_stat(handle.pid)
     assert stat is not None
     assert (stat.sid, stat.pgid) == (handle.pid, handle.pid)
@@ -119,6 +120,24 @@ async def test_an_agent_runs_in_its_own_session_with_devnull_stdin_and_a_log_fil
     log = str(supervisor.logs.path_for(AgentId("sleeper")))
     assert os.readlink(f"/proc/{handle.pid}/fd/1") == log
     assert os.readlink(f"/proc/{handle.pid}/fd/2") == log
+
+
+def test_the_start_time_from_the_boot_clock_is_the_one_proc_shows() -> None:
+    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    assert procfs.start_ticks_between(7 * tick_ns, 8 * tick_ns - 1) == 7
+    assert procfs.start_ticks_between(8 * tick_ns - 1, 8 * tick_ns) is None
+    told = 0
+    for _ in range(100):
+        before = procfs.boot_clock_ns()
+        child = subprocess.Popen(["/bin/true"])
+        ticks = procfs.start_ticks_between(before, procfs.boot_clock_ns())
+        try:
+            if ticks is not None:
+                told += 1
+                assert ticks == procfs.read_start_ticks(child.pid)
+        finally:
+            child.wait()
+    assert told > 50  # a spawn straddles a 10 ms tick now and then, not half the time
 
 
 async def test_a_sigkill_is_reported_at_once_with_signal_9(
@@ -473,7 +492,11 @@ async def test_a_script_started_through_its_shebang_can_be_adopted(
     script.write_text(f"#!{PY}\nimport time\ntime.sleep(60)\n")
     script.chmod(0o755)
     handle = await supervisor.start(spec("scripted", str(script), "--flag"), env={})
-    assert procfs.read_cmdline(handle.pid) == (PY, str(script), "--flag")
+    # start returns once the child is forked; its exec may still be under way.
+    await eventually(
+        lambda: procfs.read_cmdline(handle.pid) == (PY, str(script), "--flag"),
+        what="the interpreter's command line",
+    )
     again = supervisor.adopt(
         handle.agent_id, pid=handle.pid, start_ticks=handle.start_ticks, cmdline=handle.cmdline
     )
