@@ -9,7 +9,9 @@ change and changes nothing.
 ``--wait`` then polls the Manager until the applied sets have converged (every node
 they touch has acted on its desired generation, and every agent of theirs that should
 run is Running), showing a progress bar of nodes and agents on stderr. It exits 1
-with the reasons when an agent fails for good or the timeout passes.
+with the reasons when an agent fails for good or the timeout passes. An agent an
+operator stopped on its node (``reconciler agent stop``) stays stopped until started
+again, so it is not waited for; the wait names it on stderr when it ends.
 
 ``--daemon ADDR`` applies to one standalone daemon instead, with no Manager: the
 agents of the sets that select that node (by its id and labels, as the Manager would
@@ -112,8 +114,7 @@ def apply(
     _print_results(responses, output, dry_run=dry_run)
     if wait and not dry_run:
         final = run(_wait(client, responses, timeout_s=timeout), address=client.address)
-        if not final.converged:
-            raise CliError(_failure_text(final, timeout_s=timeout))
+        _end_wait(final, timeout_s=timeout)
 
 
 async def _apply(
@@ -154,10 +155,10 @@ def apply_to_daemon(
         click.echo(f"node/{change.node_id} {verb}")
         click.echo(describe_change(change))
     if wait_s is not None and not dry_run:
-        final = run(_wait_daemon(client, change.node_id, change.generation, timeout_s=wait_s),
+        applied = change.generation if change.generation != change.previous_generation else 0
+        final = run(_wait_daemon(client, change.node_id, applied, timeout_s=wait_s),
                     address=client.address, peer="the daemon")  # fmt: skip
-        if not final.converged:
-            raise CliError(_failure_text(final, timeout_s=wait_s))
+        _end_wait(final, timeout_s=wait_s)
 
 
 async def _sync_daemon(
@@ -311,6 +312,8 @@ class Convergence:
     agents_running: int = 0
     pending: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()
+    """Agents an operator keeps stopped on their node: not waited for."""
 
     @property
     def converged(self) -> bool:
@@ -325,6 +328,10 @@ class _Tally:
     agents_running: int = 0
     pending: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+
+
+_HELD: Final = "stopped by an operator (`reconciler agent start` resumes it)"
 
 
 def _phase(info: agent_pb2.AgentInfo) -> str:
@@ -337,8 +344,14 @@ def convergence(
     nodes: Sequence[node_pb2.NodeInfo],
     agents: Sequence[agent_pb2.AgentState],
 ) -> Convergence:
-    """Pure: have the nodes in ``targets`` (node id -> generation the apply produced)
-    and the desired-running ``agents`` of the applied sets converged?"""
+    """Pure: have the nodes in ``targets`` (node id -> generation the apply produced,
+    0 where it left the node's desired state as it was) and the desired-running
+    ``agents`` of the applied sets converged?
+
+    An agent an operator stopped on its node is held, not waited for, on a node the
+    apply left alone. A new generation clears such overrides, so on a node the apply
+    changed the override seen may be an older report's, and the agent is waited for.
+    """
     tally = _Tally()
     by_id = {node.node_id: node for node in nodes}
     acted: set[str] = set()
@@ -360,8 +373,12 @@ def convergence(
     for state in agents:
         if state.spec.state != agent_pb2.DESIRED_STATE_RUNNING:
             continue
-        tally.agents_total += 1
         where = f"agent {state.spec.id} on {state.node_id}"
+        held = state.info.override == agent_pb2.OVERRIDE_STOP and not targets.get(state.node_id)
+        if held and state.node_id in acted:
+            tally.held.append(f"{where}: {_HELD}")
+            continue
+        tally.agents_total += 1
         if state.info.phase == agent_pb2.AGENT_PHASE_RUNNING and state.node_id in acted:
             tally.agents_running += 1
         elif state.info.phase == agent_pb2.AGENT_PHASE_FAILED and state.node_id in acted:
@@ -377,6 +394,7 @@ def convergence(
         tally.agents_running,
         tuple(tally.pending),
         tuple(tally.failed),
+        tuple(tally.held),
     )
 
 
@@ -443,6 +461,14 @@ async def _poll(snapshot: Snapshot, *, timeout_s: float) -> Convergence:
             if state.converged or state.failed or time.monotonic() >= deadline:
                 return state
             await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def _end_wait(state: Convergence, *, timeout_s: float) -> None:
+    """Name the agents held stopped; exit 1 with the reasons unless converged."""
+    for held in state.held:
+        click.echo(f"note: {held}", err=True)
+    if not state.converged:
+        raise CliError(_failure_text(state, timeout_s=timeout_s))
 
 
 def _failure_text(state: Convergence, *, timeout_s: float) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.api.agent.v1 import agent_pb2
 from tests.support.daemon import DaemonProcess, free_port, wait_for
 from tests.support.manager import agent_set_yaml, sleeper
 
@@ -94,6 +95,20 @@ def test_wait_ends_at_once_with_the_reason_when_an_agent_fails_for_good(
     assert failed.returncode == 1
     assert "failed: agents stopped for good:" in failed.stderr
     assert f"agent broken on {daemon.node_id}: Failed" in failed.stderr
+
+
+def test_wait_does_not_wait_for_an_agent_an_operator_stopped(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    path = write(tmp_path / "s.yaml", agent_set_yaml("s", agents=[sleeper("a"), sleeper("b")]))
+    assert apply(daemon, path, "--wait", "--timeout", "30s").returncode == 0
+    daemon.operate("b", agent_pb2.OPERATION_STOP)
+    wait_for(lambda: set(daemon.running()) == {"a"})
+
+    again = apply(daemon, path, "--wait", "--timeout", "30s")
+    assert again.returncode == 0, again.stderr
+    assert f"note: agent b on {daemon.node_id}: stopped by an operator" in again.stderr
+    assert set(daemon.running()) == {"a"}, "an unchanged apply keeps the override"
 
 
 def test_a_bad_file_or_agent_changes_nothing(daemon: DaemonProcess, tmp_path: Path) -> None:

@@ -471,8 +471,11 @@ def node_info(node_id: str, *, desired: int, observed: int) -> Any:
     )
 
 
-def agent_state(node_id: str, agent_id: str, phase: int, *, running: bool = True) -> Any:
+def agent_state(
+    node_id: str, agent_id: str, phase: int, *, running: bool = True, override: int = 0
+) -> Any:
     state = agent_pb2.AgentState(node_id=node_id)
+    state.info.override = override  # type: ignore[assignment]
     state.spec.id = agent_id
     state.spec.state = (
         agent_pb2.DESIRED_STATE_RUNNING if running else agent_pb2.DESIRED_STATE_STOPPED
@@ -537,14 +540,46 @@ RUNNING = agent_pb2.AGENT_PHASE_RUNNING
             False,
             id="desired-stopped-is-not-waited-for",
         ),
+        pytest.param(
+            [node_info("n1", desired=2, observed=2)],
+            [
+                agent_state("n1", "a", RUNNING),
+                agent_state(
+                    "n1", "b", agent_pb2.AGENT_PHASE_STOPPED, override=agent_pb2.OVERRIDE_STOP
+                ),
+            ],
+            True,
+            False,
+            id="held-stopped-by-an-operator-is-not-waited-for",
+        ),
         pytest.param([], [], False, False, id="node-gone"),
     ],
 )
 def test_convergence_needs_the_new_generation_acted_on_and_agents_running(
     nodes: list[Any], agents: list[Any], converged: bool, failed: bool
 ) -> None:
-    state = convergence({"n1": 2}, nodes, agents)
+    held = any(a.info.override == agent_pb2.OVERRIDE_STOP for a in agents)
+    state = convergence({"n1": 0 if held else 2}, nodes, agents)
     assert (state.converged, bool(state.failed)) == (converged, failed)
+
+
+def test_an_agent_held_stopped_is_named_and_left_out_of_the_count() -> None:
+    held = agent_state("n1", "b", agent_pb2.AGENT_PHASE_STOPPED, override=agent_pb2.OVERRIDE_STOP)
+    nodes = [node_info("n1", desired=2, observed=2)]
+    state = convergence({"n1": 0}, nodes, [agent_state("n1", "a", RUNNING), held])
+    assert (state.agents_total, state.agents_running) == (1, 1)
+    assert state.held == (
+        "agent b on n1: stopped by an operator (`reconciler agent start` resumes it)",
+    )
+    assert state.converged
+
+
+def test_an_override_on_a_node_the_apply_changed_is_waited_out() -> None:
+    # The new generation cleared it; the Manager may still hold the report before.
+    stale = agent_state("n1", "b", agent_pb2.AGENT_PHASE_STOPPED, override=agent_pb2.OVERRIDE_STOP)
+    state = convergence({"n1": 2}, [node_info("n1", desired=2, observed=2)], [stale])
+    assert not state.held
+    assert state.pending == ("agent b on n1: Stopped",)
 
 
 def test_the_chart_scales_to_the_maximum_in_eighths() -> None:
