@@ -86,10 +86,13 @@ def _columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
 def _print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in columns:
-        table.add_column(column.upper(), overflow="fold")
+        table.add_column(column.upper(), no_wrap=True)
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))
-    Console(soft_wrap=False).print(table)
+    # One line per row, however narrow the terminal or pipe (as kubectl prints), so
+    # rows stay whole for grep and awk; a terminal folds what is wider than itself.
+    width = Console(width=1 << 16).measure(table).maximum
+    Console(width=max(width, 1)).print(table)
 
 
 def _print_data(data: Any, output: OutputFormat) -> None:

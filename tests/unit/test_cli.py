@@ -380,5 +380,16 @@ def test_records_print_as_table_json_and_yaml(capsys: pytest.CaptureFixture[str]
     assert table[2].split() == ["n2", "false"]
 
 
+def test_a_table_row_stays_on_one_line_however_narrow_the_output(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "30")
+    message = "exited with code 0; restartPolicy OnFailure"
+    print_records([{"agent": "compactor", "message": message}], OutputFormat.TABLE)
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["AGENT", "MESSAGE"]
+    assert row.split(maxsplit=1) == ["compactor", message]
+
+
 def test_flatten_joins_nested_keys_with_dots() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
