@@ -312,8 +312,9 @@ class Convergence:
     agents_running: int = 0
     pending: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
-    held: tuple[str, ...] = ()
-    """Agents an operator keeps stopped on their node: not waited for."""
+    left_out: tuple[str, ...] = ()
+    """Agents that should run but are not waited for, each with why (held stopped by
+    an operator, or done: exited 0 under a policy that does not restart them)."""
 
     @property
     def converged(self) -> bool:
@@ -328,10 +329,7 @@ class _Tally:
     agents_running: int = 0
     pending: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    held: list[str] = field(default_factory=list)
-
-
-_HELD: Final = "stopped by an operator (`reconciler agent start` resumes it)"
+    left_out: list[str] = field(default_factory=list)
 
 
 def _phase(info: agent_pb2.AgentInfo) -> str:
@@ -348,9 +346,7 @@ def convergence(
     0 where it left the node's desired state as it was) and the desired-running
     ``agents`` of the applied sets converged?
 
-    An agent an operator stopped on its node is held, not waited for, on a node the
-    apply left alone. A new generation clears such overrides, so on a node the apply
-    changed the override seen may be an older report's, and the agent is waited for.
+    Agents that will not run are left out (``_left_out_because``).
     """
     tally = _Tally()
     by_id = {node.node_id: node for node in nodes}
@@ -374,10 +370,11 @@ def convergence(
         if state.spec.state != agent_pb2.DESIRED_STATE_RUNNING:
             continue
         where = f"agent {state.spec.id} on {state.node_id}"
-        held = state.info.override == agent_pb2.OVERRIDE_STOP and not targets.get(state.node_id)
-        if held and state.node_id in acted:
-            tally.held.append(f"{where}: {_HELD}")
-            continue
+        if state.node_id in acted:
+            why = _left_out_because(state, node_changed=bool(targets.get(state.node_id)))
+            if why is not None:
+                tally.left_out.append(f"{where}: {why}")
+                continue
         tally.agents_total += 1
         if state.info.phase == agent_pb2.AGENT_PHASE_RUNNING and state.node_id in acted:
             tally.agents_running += 1
@@ -394,8 +391,38 @@ def convergence(
         tally.agents_running,
         tuple(tally.pending),
         tuple(tally.failed),
-        tuple(tally.held),
+        tuple(tally.left_out),
     )
+
+
+_NOT_RESTARTED_AFTER_SUCCESS = (
+    agent_pb2.RESTART_POLICY_ON_FAILURE,
+    agent_pb2.RESTART_POLICY_NEVER,
+)
+
+
+def _left_out_because(state: agent_pb2.AgentState, *, node_changed: bool) -> str | None:
+    """Why an agent that should run, on a node that acted, is not waited for; or None.
+
+    An operator's stop holds it until started again; a new generation clears that
+    override, so on a node the apply changed, the override seen may be an older
+    report's and the agent is waited for. An agent that exited 0 under OnFailure or
+    Never is done: its node does not start it again.
+    """
+    info = state.info
+    if info.override == agent_pb2.OVERRIDE_STOP and not node_changed:
+        return "stopped by an operator (`reconciler agent start` resumes it)"
+    exit_code = info.last_exit.exit_code if info.last_exit.HasField("exit_code") else None
+    if (
+        info.phase == agent_pb2.AGENT_PHASE_STOPPED
+        and exit_code == 0
+        and state.spec.restart_policy in _NOT_RESTARTED_AFTER_SUCCESS
+    ):
+        policy = enum_word(
+            agent_pb2.RestartPolicy.Name(state.spec.restart_policy), "RESTART_POLICY_"
+        )
+        return f"completed (exited with code 0; restartPolicy {policy})"
+    return None
 
 
 async def _snapshot(
@@ -465,8 +492,8 @@ async def _poll(snapshot: Snapshot, *, timeout_s: float) -> Convergence:
 
 def _end_wait(state: Convergence, *, timeout_s: float) -> None:
     """Name the agents held stopped; exit 1 with the reasons unless converged."""
-    for held in state.held:
-        click.echo(f"note: {held}", err=True)
+    for note in state.left_out:
+        click.echo(f"note: {note}", err=True)
     if not state.converged:
         raise CliError(_failure_text(state, timeout_s=timeout_s))
 

@@ -111,6 +111,14 @@ def test_wait_does_not_wait_for_an_agent_an_operator_stopped(
     assert set(daemon.running()) == {"a"}, "an unchanged apply keeps the override"
 
 
+def test_wait_counts_an_agent_that_completed_as_done(daemon: DaemonProcess, tmp_path: Path) -> None:
+    job = {"id": "job", "command": ["/bin/true"], "restartPolicy": "OnFailure"}
+    path = write(tmp_path / "s.yaml", agent_set_yaml("s", agents=[sleeper("a"), job]))
+    applied = apply(daemon, path, "--wait", "--timeout", "30s")
+    assert applied.returncode == 0, applied.stderr
+    assert f"note: agent job on {daemon.node_id}: completed (exited with code 0" in (applied.stderr)
+
+
 def test_a_bad_file_or_agent_changes_nothing(daemon: DaemonProcess, tmp_path: Path) -> None:
     good = write(tmp_path / "good.yaml", agent_set_yaml("s", agents=[sleeper("a")]))
     assert apply(daemon, good, "--wait").returncode == 0

@@ -568,17 +568,38 @@ def test_an_agent_held_stopped_is_named_and_left_out_of_the_count() -> None:
     nodes = [node_info("n1", desired=2, observed=2)]
     state = convergence({"n1": 0}, nodes, [agent_state("n1", "a", RUNNING), held])
     assert (state.agents_total, state.agents_running) == (1, 1)
-    assert state.held == (
+    assert state.left_out == (
         "agent b on n1: stopped by an operator (`reconciler agent start` resumes it)",
     )
     assert state.converged
+
+
+@pytest.mark.parametrize(
+    ("policy", "exit_code", "done"),
+    [
+        pytest.param(agent_pb2.RESTART_POLICY_ON_FAILURE, 0, True, id="on-failure-exit-0"),
+        pytest.param(agent_pb2.RESTART_POLICY_NEVER, 0, True, id="never-exit-0"),
+        pytest.param(agent_pb2.RESTART_POLICY_ALWAYS, 0, False, id="always-is-restarted"),
+        pytest.param(agent_pb2.RESTART_POLICY_ON_FAILURE, 3, False, id="on-failure-exit-3"),
+    ],
+)
+def test_an_agent_that_completed_is_done(policy: int, exit_code: int, done: bool) -> None:
+    job = agent_state("n1", "job", agent_pb2.AGENT_PHASE_STOPPED)
+    job.spec.restart_policy = policy  # type: ignore[assignment]
+    job.info.last_exit.exit_code = exit_code
+    state = convergence({"n1": 2}, [node_info("n1", desired=2, observed=2)], [job])
+    assert state.converged is done
+    if done:
+        name = agent_pb2.RestartPolicy.Name(policy).removeprefix("RESTART_POLICY_")
+        assert state.left_out[0].startswith("agent job on n1: completed (exited with code 0")
+        assert name.replace("_", "").lower() in state.left_out[0].lower()
 
 
 def test_an_override_on_a_node_the_apply_changed_is_waited_out() -> None:
     # The new generation cleared it; the Manager may still hold the report before.
     stale = agent_state("n1", "b", agent_pb2.AGENT_PHASE_STOPPED, override=agent_pb2.OVERRIDE_STOP)
     state = convergence({"n1": 2}, [node_info("n1", desired=2, observed=2)], [stale])
-    assert not state.held
+    assert not state.left_out
     assert state.pending == ("agent b on n1: Stopped",)
 
 
