@@ -28,7 +28,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import click
@@ -49,6 +49,7 @@ from reconciler.manager.agentset import AgentSetFileError, check_agent_set, load
 from reconciler.manager.fleet import node_change
 from reconciler.manager.plan import AgentConflict, NodePlan, NodeState, SetDefinition, plan
 from reconciler.model.errors import InvalidArgument
+from reconciler.model.spec import AgentSpec
 
 __all__ = ["Convergence", "apply", "convergence", "describe_change"]
 
@@ -179,11 +180,13 @@ async def _sync_daemon(
         listed = await client.daemon.ListAgents(
             daemon_pb2.ListAgentsRequest(), timeout=client.timeout_s
         )
+        offered = {spec.id: spec for definition in definitions for spec in definition.agents}
+        current = (spec_from_proto(a.spec) for a in listed.agents if a.spec.id)
         node = NodeState(
             node_id=config.node_id,
             labels=settings.get("node", {}).get("labels", {}),
             generation=listed.current_generation,
-            agents=tuple(spec_from_proto(a.spec) for a in listed.agents if a.spec.id),
+            agents=tuple(_as_offered(spec, offered.get(spec.id)) for spec in current),
         )
         try:
             planned = plan(definitions, [node]).nodes
@@ -196,6 +199,21 @@ async def _sync_daemon(
             node_id=node.node_id, previous_generation=node.generation, generation=node.generation
         )
     return node_change(planned[0])
+
+
+def _as_offered(current: AgentSpec, offered: AgentSpec | None) -> AgentSpec:
+    """``current`` with argv[0] as ``offered`` names it, when that is the same program.
+
+    The daemon keeps a bare program name (``agentlet``) resolved on its PATH
+    (``/usr/local/bin/agentlet``), so a file that names it bare would otherwise differ
+    from what the daemon holds at every apply, and bump the generation for nothing.
+    """
+    if offered is None or not offered.command or not current.command:
+        return current
+    program = offered.command[0]
+    if "/" in program or not current.command[0].endswith(f"/{program}"):
+        return current
+    return replace(current, command=(program, *current.command[1:]))
 
 
 async def _send(client: DaemonClient, node_plan: NodePlan) -> None:

@@ -86,6 +86,19 @@ def test_the_sets_selecting_the_node_become_its_desired_state(
     assert after["p"] == pids["p"]
 
 
+def test_a_program_named_bare_is_unchanged_when_applied_again(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    bare = {**sleeper("bare"), "command": ["sleep", "3600"]}
+    path = write(tmp_path / "s.yaml", agent_set_yaml("s", agents=[bare]))
+    assert apply(daemon, path, "--wait", "--timeout", "30s").returncode == 0
+    (listed,) = daemon.list().agents
+    assert listed.spec.command[0].endswith("/sleep"), "the daemon holds it resolved"
+    again = apply(daemon, path)
+    assert again.returncode == 0, again.stderr
+    assert f"node/{daemon.node_id} unchanged (generation 1)" in again.stdout
+
+
 def test_wait_ends_at_once_with_the_reason_when_an_agent_fails_for_good(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
