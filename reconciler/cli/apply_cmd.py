@@ -9,9 +9,9 @@ change and changes nothing.
 ``--wait`` then polls the Manager until the applied sets have converged (every node
 they touch has acted on its desired generation, and every agent of theirs that should
 run is Running), showing a progress bar of nodes and agents on stderr. It exits 1
-with the reasons when an agent fails for good or the timeout passes. An agent an
-operator stopped on its node (``reconciler agent stop``) stays stopped until started
-again, so it is not waited for; the wait names it on stderr when it ends.
+with the reasons when an agent fails for good or the timeout passes. Agents that will
+not run (done after exiting 0, or held stopped by an operator) are not waited for;
+the wait names them on stderr when it ends.
 
 ``--daemon ADDR`` applies to one standalone daemon instead, with no Manager: the
 agents of the sets that select that node (by its id and labels, as the Manager would
