@@ -3,8 +3,10 @@
 ``describe node`` shows the node's registration, readiness, generations, its agents
 and its recent events. ``describe agent`` shows the agent's spec and observed status
 (phase, restarts, backoff, last exit, heartbeats), a summary of its resource samples
-over the last ten minutes and its recent events. ``-o json|yaml`` prints the same as
-one document whose parts are API messages in canonical JSON.
+over the last ten minutes and its recent events; ``--daemon ADDR`` asks one daemon
+directly, which keeps no event history (a standalone daemon logs its events). ``-o
+json|yaml`` prints the same as one document whose parts are API messages in canonical
+JSON.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from reconciler.api.agent.v1 import agent_pb2, event_pb2, metrics_pb2, node_pb2
+from reconciler.api.daemon.v1 import daemon_pb2
 from reconciler.api.fleet.v1 import fleet_pb2
 from reconciler.cli.agent_cmd import find_node
-from reconciler.cli.client import FleetClient, recent_events, rpc_error_line, run
+from reconciler.cli.client import DaemonClient, FleetClient, recent_events, rpc_error_line, run
 from reconciler.cli.connection import ManagerConnection, manager_options
 from reconciler.cli.events_cmd import event_row
 from reconciler.cli.get_cmd import age, agent_row, enum_word
 from reconciler.cli.metrics_cmd import human_bytes
-from reconciler.cli.options import CliError
+from reconciler.cli.options import CliError, Target, target_options
 from reconciler.cli.output import OutputFormat, output_option, print_document, print_records
 from reconciler.convert import message_to_dict
 
@@ -47,7 +50,8 @@ class _NodeView:
 @dataclass(frozen=True, slots=True)
 class _AgentView:
     state: agent_pb2.AgentState
-    events: Sequence[event_pb2.Event]
+    events: Sequence[event_pb2.Event] | None
+    """None when asked of a daemon, which keeps no event history."""
     metrics: metrics_pb2.AgentMetricsResponse | None
     metrics_error: str
 
@@ -122,30 +126,38 @@ async def _node_view(client: FleetClient, name: str) -> _NodeView:
 
 @describe.command()
 @click.argument("name")
-@click.option("--node", "node_name", metavar="NODE", help="The node the agent runs on.")
+@target_options
 @manager_options
 @output_option()
 @click.pass_context
 def agent(
     ctx: click.Context,
     name: str,
-    node_name: str | None,
+    target: Target,
     connection: ManagerConnection,
     output: OutputFormat,
 ) -> None:
     """Show agent NAME: spec, phase, restarts, backoff, last exit, heartbeats."""
-    client = FleetClient(connection)
-    view = run(_agent_view(client, name, node_name), address=client.address)
+    if target.daemon is not None:
+        daemon = DaemonClient(target.daemon, connection)
+        view = run(_daemon_agent_view(daemon, name), address=daemon.address, peer="the daemon")
+    else:
+        client = FleetClient(connection)
+        view = run(_agent_view(client, name, target.node), address=client.address)
     if output is not OutputFormat.TABLE:
+        events = None if view.events is None else [message_to_dict(e) for e in view.events]
         document = {
             "agent": message_to_dict(view.state),
-            "events": [message_to_dict(e) for e in view.events],
+            "events": events,
             "metrics": message_to_dict(view.metrics) if view.metrics else None,
         }
         print_document(document, output)
         return
     _fields(_agent_fields(view))
-    _table("Events", [event_row(e) for e in view.events])
+    if view.events is None:
+        click.echo("\nEvents: not kept by a daemon (a standalone daemon logs them)")
+    else:
+        _table("Events", [event_row(e) for e in view.events])
 
 
 async def _agent_view(client: FleetClient, name: str, node_name: str | None) -> _AgentView:
@@ -165,6 +177,21 @@ async def _agent_view(client: FleetClient, name: str, node_name: str | None) -> 
         except grpc.aio.AioRpcError as error:
             return _AgentView(found[0], events, None, rpc_error_line(error, address=node_id))
         return _AgentView(found[0], events, metrics, "")
+
+
+async def _daemon_agent_view(client: DaemonClient, name: str) -> _AgentView:
+    async with client:
+        request = daemon_pb2.ListAgentsRequest(agent_ids=[name])
+        listed = await client.daemon.ListAgents(request, timeout=client.timeout_s)
+        if not listed.agents:
+            raise CliError(f"NOT_FOUND: agent {name!r} not found on the daemon at {client.address}")
+        query = metrics_pb2.AgentMetricsRequest(agent_id=name, duration_seconds=METRICS_WINDOW_S)
+        try:
+            metrics = await client.daemon.GetAgentMetrics(query, timeout=client.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            failed = rpc_error_line(error, address=client.address, peer="the daemon")
+            return _AgentView(listed.agents[0], None, None, failed)
+        return _AgentView(listed.agents[0], None, metrics, "")
 
 
 def _agent_fields(view: _AgentView) -> list[tuple[str, str]]:

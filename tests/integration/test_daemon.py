@@ -255,3 +255,17 @@ def test_one_node_is_useful_without_a_manager_through_the_cli(daemon: DaemonProc
     missing = reconciler("agent", "restart", "nobody", "--daemon", daemon.address)
     assert missing.returncode == 1
     assert missing.stderr.startswith("NOT_FOUND")
+
+    described = reconciler("describe", "agent", "one", "--daemon", daemon.address)
+    assert described.returncode == 0, described.stderr
+    fields = dict(line.split(":", 1) for line in described.stdout.splitlines() if ":" in line)
+    assert fields["Phase"].strip() == "Running"
+    assert fields["Restarts"].strip() == "1"
+    assert fields["Labels"].strip() == "team=obs"
+    assert "samples over the last 10m" in fields["Metrics"]
+    as_json = reconciler("describe", "agent", "one", "--daemon", daemon.address, "-o", "json")
+    document = json.loads(as_json.stdout)
+    assert (document["agent"]["info"]["pid"], document["events"]) == (daemon.running()["one"], None)
+    unknown = reconciler("describe", "agent", "nobody", "--daemon", daemon.address)
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("NOT_FOUND")
