@@ -33,7 +33,13 @@ from reconciler.daemon import procfs
 from reconciler.daemon.clock import Clock
 from reconciler.daemon.events import EventLog
 from reconciler.daemon.heartbeat import AgentIdentity
-from reconciler.daemon.store import OperationResult, OverrideEntry, ProcessEntry, StateStore
+from reconciler.daemon.store import (
+    OperationResult,
+    OverrideEntry,
+    Patches,
+    ProcessEntry,
+    StateStore,
+)
 from reconciler.daemon.supervisor import AGENT_ID_ENV, ProcessHandle, SpawnError, Supervisor
 from reconciler.daemon.workqueue import WorkQueue
 from reconciler.model.errors import Conflict, InvalidArgument, NotFound, StaleGeneration
@@ -307,6 +313,9 @@ class Controller:
             )
         self._set_desired(loaded.state)
         self._overrides = self._store.load_overrides()
+        patches = self._store.load_patches()
+        if patches.generation == self._desired.generation:  # else a newer one replaced them
+            self._patches = {a: spec for a, spec in patches.specs.items() if a in self._specs}
         self._adopt(self._store.load_processes())
         await self._stop_unrecorded()
         if run:
@@ -432,7 +441,9 @@ class Controller:
             touched = set(self._specs) | self._pending | {spec.id for spec in resolved.agents}
             self._set_desired(resolved)
             self._pending |= touched
-            self._patches = {}
+            if self._patches:
+                self._patches = {}
+                await asyncio.to_thread(self._store.save_patches, Patches(resolved.generation))
             if self._overrides:
                 self._overrides = {}
                 await asyncio.to_thread(self._store.save_overrides, {})
@@ -636,6 +647,11 @@ class Controller:
         self._patches[agent_id] = target
         self._queue.add(agent_id)
         if await self._healthy_within(agent_id, target, deadline_s=deadline_s):
+            if self.generation == generation:
+                # Kept only once healthy: a daemon that dies during the rollout comes
+                # back to the spec before it, and rolls the agent back itself.
+                patches = Patches(generation, dict(self._patches))
+                await asyncio.to_thread(self._store.save_patches, patches)
             self.events.emit(
                 EventType.UPDATE_SUCCEEDED, agent_id=agent_id, message=f"{old} -> {new}"
             )

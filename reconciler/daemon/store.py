@@ -1,12 +1,13 @@
 """The daemon's state directory: desired state, overrides, adopted pids, operation ids.
 
-One directory (0700, owned by the daemon's user) holds four small JSON files, each
+One directory (0700, owned by the daemon's user) holds five small JSON files, each
 written by one durable-write helper (``write_durably``: temp file 0600 in the same
 directory, write, fsync, rename over the old file, fsync the directory), so a reader
 after any crash sees the whole old file or the whole new one::
 
     desired.json      the node's NodeDesiredState (generation + AgentSpecs)
     overrides.json    agent id -> operator's local start/stop and the generation it was set at
+    patches.json      the generation, and agent id -> the spec a PushUpdate rolled it to
     processes.json    agent id -> pid, start ticks, command line, fingerprint, heartbeat
                       token (what adoption after a daemon restart needs)
     operations.json   the last 1,024 OperateAgent operation ids and their results
@@ -39,7 +40,8 @@ does, with ``check_generation``), validate commands against the allow-list
 Failpoints (see ``reconciler.failpoints``): ``store.before_write``,
 ``store.after_tmp_write``, ``store.after_tmp_fsync``, ``store.after_rename``,
 ``store.after_dir_fsync`` for desired.json, and the same suffixes under
-``store.overrides.``, ``store.processes.``, ``store.operations.`` for the others.
+``store.overrides.``, ``store.patches.``, ``store.processes.``, ``store.operations.``
+for the others.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ __all__ = [
     "MAX_OPERATIONS",
     "OPERATIONS_FILE",
     "OVERRIDES_FILE",
+    "PATCHES_FILE",
     "PROCESSES_FILE",
     "SCHEMA_VERSION",
     "CorruptFile",
@@ -93,6 +96,7 @@ __all__ = [
     "MemoryStore",
     "OperationResult",
     "OverrideEntry",
+    "Patches",
     "ProcessEntry",
     "StateStore",
     "StoreError",
@@ -114,6 +118,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
 DESIRED_FILE: Final = "desired.json"
 OVERRIDES_FILE: Final = "overrides.json"
+PATCHES_FILE: Final = "patches.json"
 PROCESSES_FILE: Final = "processes.json"
 OPERATIONS_FILE: Final = "operations.json"
 MAX_OPERATIONS: Final = 1024
@@ -193,6 +198,15 @@ def prune_overrides(
 ) -> dict[AgentId, OverrideEntry]:
     """The overrides that survive the arrival of ``generation`` (older ones are dropped)."""
     return {agent: entry for agent, entry in overrides.items() if entry.generation >= generation}
+
+
+@dataclass(frozen=True, slots=True)
+class Patches:
+    """The specs PushUpdate rolled agents to, over the desired state of ``generation``;
+    a newer generation replaces them."""
+
+    generation: Generation
+    specs: Mapping[AgentId, AgentSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -622,6 +636,10 @@ class StateStore(Protocol):
 
     def save_overrides(self, overrides: Mapping[AgentId, OverrideEntry]) -> None: ...
 
+    def load_patches(self) -> Patches: ...
+
+    def save_patches(self, patches: Patches) -> None: ...
+
     def load_processes(self) -> dict[AgentId, ProcessEntry]: ...
 
     def save_processes(self, processes: Mapping[AgentId, ProcessEntry]) -> None: ...
@@ -694,6 +712,21 @@ class DesiredStateStore:
             for agent, entry in overrides.items()
         }
         self._write(OVERRIDES_FILE, "overrides", body, prefix="store.overrides")
+
+    # -- patches.json ---------------------------------------------------------------
+
+    def load_patches(self) -> Patches:
+        """The updates in force (none when absent or corrupt)."""
+        patches, _ = self._load(PATCHES_FILE, "patches", _decode_patches)
+        return patches or Patches(Generation(0))
+
+    def save_patches(self, patches: Patches) -> None:
+        """Persist the updates in force durably."""
+        body = {
+            "generation": int(patches.generation),
+            "agents": {agent: spec_to_json(spec) for agent, spec in patches.specs.items()},
+        }
+        self._write(PATCHES_FILE, "patches", body, prefix="store.patches")
 
     # -- processes.json -------------------------------------------------------------
 
@@ -835,6 +868,19 @@ def _decode_overrides(body: object) -> dict[AgentId, OverrideEntry]:
     return result
 
 
+def _decode_patches(body: object) -> Patches:
+    data = _object(body, path="patches", keys=frozenset({"generation", "agents"}))
+    generation = Generation(_integer(data["generation"], path="patches.generation"))
+    specs: dict[AgentId, AgentSpec] = {}
+    for key, value in _object(data["agents"], path="patches.agents").items():
+        path = f"patches.agents[{key}]"
+        spec = spec_from_json(value, path=path)
+        if spec.id != key:
+            raise InvalidArgument(f"{path}.id", f"{spec.id!r} is filed under {key!r}")
+        specs[_agent_key(key, path=path)] = spec
+    return Patches(generation, specs)
+
+
 _PROCESS_KEYS = frozenset(
     {"pid", "start_ticks", "cmdline", "fingerprint", "started_at_wall_s", "token"}
 )
@@ -921,6 +967,7 @@ class MemoryStore:
 
     desired: NodeDesiredState = field(default_factory=lambda: NodeDesiredState(Generation(0)))
     overrides: dict[AgentId, OverrideEntry] = field(default_factory=dict)
+    patches: Patches = field(default_factory=lambda: Patches(Generation(0)))
     processes: dict[AgentId, ProcessEntry] = field(default_factory=dict)
     operations: OrderedDict[OperationId, OperationResult] = field(default_factory=OrderedDict)
     max_operations: int = MAX_OPERATIONS
@@ -948,6 +995,14 @@ class MemoryStore:
 
     def save_overrides(self, overrides: Mapping[AgentId, OverrideEntry]) -> None:
         self.overrides = dict(overrides)
+
+    def load_patches(self) -> Patches:
+        return self.patches
+
+    def save_patches(self, patches: Patches) -> None:
+        for spec in patches.specs.values():
+            spec_to_json(spec)  # the same JSON check the real store makes
+        self.patches = patches
 
     def load_processes(self) -> dict[AgentId, ProcessEntry]:
         return dict(self.processes)

@@ -184,6 +184,28 @@ def test_a_newer_generation_replaces_the_pushed_version(daemon: DaemonProcess) -
     assert len(daemon.node_processes()) == 1
 
 
+def test_an_update_that_succeeded_outlives_a_daemon_restart_until_a_newer_generation(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, [steady("kept")])
+    running_version(daemon, "kept", "1")
+    assert push(daemon, "kept", "2", deadline_s=20.0).outcome == (
+        daemon_pb2.UPDATE_OUTCOME_SUCCEEDED
+    )
+    updated = running_version(daemon, "kept", "2")
+
+    daemon.kill()
+    daemon.start()
+    adopted = running_version(daemon, "kept", "2")
+    assert (adopted.pid, adopted.desired_version) == (updated.pid, "2"), "adopted, not reverted"
+
+    daemon.sync(2, [steady("kept")])
+    running_version(daemon, "kept", "1")
+    daemon.kill()
+    daemon.start()
+    assert running_version(daemon, "kept", "1").desired_version == "1"
+
+
 def test_a_rolled_back_update_returns_to_the_version_an_earlier_update_installed(
     daemon: DaemonProcess,
 ) -> None:

@@ -20,11 +20,13 @@ from reconciler.daemon.store import (
     DESIRED_FILE,
     OPERATIONS_FILE,
     OVERRIDES_FILE,
+    PATCHES_FILE,
     PROCESSES_FILE,
     DesiredStateStore,
     MemoryStore,
     OperationResult,
     OverrideEntry,
+    Patches,
     ProcessEntry,
     StateStore,
     UnsafeStateDir,
@@ -492,6 +494,38 @@ def test_a_corrupt_overrides_file_is_moved_aside_and_reported(
     (state_dir / OVERRIDES_FILE).write_bytes(b'{"schema_version": 1')
     assert store.load_overrides() == {}
     assert [c.path.name for c in store.corrupt_files] == [OVERRIDES_FILE]
+
+
+# -- patches.json -----------------------------------------------------------------------
+
+
+def test_patches_round_trip(store: DesiredStateStore, clock: FakeClock) -> None:
+    patches = Patches(Generation(7), {FULL_SPEC.id: FULL_SPEC, AgentId("s"): sleeper("s")})
+    store.save_patches(patches)
+    assert reopen(store, clock).load_patches() == patches
+    assert stat.S_IMODE((store.state_dir / PATCHES_FILE).stat().st_mode) == 0o600
+
+
+def test_no_patches_file_means_no_patches(store: DesiredStateStore) -> None:
+    assert store.load_patches() == Patches(Generation(0))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"schema_version": 1', id="truncated"),
+        pytest.param(None, id="filed-under-another-id"),
+    ],
+)
+def test_a_bad_patches_file_is_moved_aside_and_reported(
+    store: DesiredStateStore, state_dir: Path, body: bytes | None
+) -> None:
+    if body is None:
+        store.save_patches(Patches(Generation(1), {AgentId("other"): sleeper("s")}))
+    else:
+        (state_dir / PATCHES_FILE).write_bytes(body)
+    assert store.load_patches() == Patches(Generation(0))
+    assert [c.path.name for c in store.corrupt_files] == [PATCHES_FILE]
 
 
 # -- processes.json ---------------------------------------------------------------------
