@@ -34,6 +34,7 @@ from reconciler.daemon.clock import Clock
 from reconciler.daemon.events import EventLog
 from reconciler.daemon.heartbeat import AgentIdentity
 from reconciler.daemon.store import (
+    FinishedEntry,
     OperationResult,
     OverrideEntry,
     Patches,
@@ -290,6 +291,7 @@ class Controller:
         self._apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._processes_dirty = asyncio.Event()
+        self._finished_saved: dict[AgentId, tuple[object, ...]] = {}
         self._on_change: list[Callable[[], None]] = []
         self.reconcile_passes = 0
         self.reconcile_seconds = 0.0
@@ -317,6 +319,7 @@ class Controller:
         if patches.generation == self._desired.generation:  # else a newer one replaced them
             self._patches = {a: spec for a, spec in patches.specs.items() if a in self._specs}
         self._adopt(self._store.load_processes())
+        self._restore_finished(self._store.load_finished())
         await self._stop_unrecorded()
         if run:
             self.run()
@@ -984,7 +987,8 @@ class Controller:
             await self._supervisor.stop(handle, grace_s=grace_s)
 
     def _forget(self, agent_id: AgentId) -> None:
-        self._records.pop(agent_id, None)
+        if self._records.pop(agent_id, None) is not None:
+            self._processes_dirty.set()  # it may leave finished.json
         self._adopted.discard(agent_id)
         self._beats.pop(agent_id, None)
         if self._tracker is not None:
@@ -1081,6 +1085,28 @@ class Controller:
                 message=f"pid {handle.pid}",
             )
 
+    def _restore_finished(self, finished: Mapping[AgentId, FinishedEntry]) -> None:
+        """Agents that ended for good before the restart stay down while their spec does."""
+        wall, now = self._clock.wall(), self._clock.monotonic()
+        for agent_id, entry in finished.items():
+            spec = self._effective_spec(agent_id)
+            if (
+                entry.boot_id != self._boot_id
+                or agent_id in self._handles
+                or spec is None
+                or spec.fingerprint() != entry.fingerprint
+            ):
+                continue
+            exited = now - max(0.0, wall - entry.exited_at_wall_s)
+            self._records[agent_id] = AgentRecord(
+                agent_id=agent_id,
+                phase=Phase.FAILED if entry.failed else Phase.STOPPED,
+                last_exit=ExitInfo(code=entry.exit_code, signal=entry.signal, at_s=exited),
+                finished_fingerprint=entry.fingerprint,
+                message=entry.message,
+            )
+            self._finished_saved[agent_id] = _finished_key(entry)
+
     def _restart_heartbeat_deadlines(self) -> None:
         now = self._clock.monotonic()
         for agent_id, record in self._records.items():
@@ -1143,14 +1169,37 @@ class Controller:
             )
         return snapshot
 
+    def _finished_snapshot(self) -> dict[AgentId, FinishedEntry]:
+        wall, mono = self._clock.wall(), self._clock.monotonic()
+        return {
+            agent_id: FinishedEntry(
+                fingerprint=record.finished_fingerprint,
+                failed=record.phase is Phase.FAILED,
+                exit_code=record.last_exit.code,
+                signal=record.last_exit.signal,
+                exited_at_wall_s=wall - (mono - record.last_exit.at_s),
+                message=record.message,
+                boot_id=self._boot_id,
+            )
+            for agent_id, record in self._records.items()
+            if record.finished_fingerprint and not record.alive and record.last_exit is not None
+        }
+
     async def _write_processes(self) -> None:
-        """The one writer of processes.json: coalesces bursts into few durable writes."""
+        """The one writer of processes.json and finished.json: coalesces bursts of starts
+        and exits into few writes; finished.json only when an agent ended for good or
+        left that state."""
         while True:
             await self._processes_dirty.wait()
             self._processes_dirty.clear()
             snapshot = self._process_snapshot()
+            finished = self._finished_snapshot()
+            keys = {agent_id: _finished_key(entry) for agent_id, entry in finished.items()}
             try:
                 await asyncio.to_thread(self._store.save_processes, snapshot)
+                if keys != self._finished_saved:
+                    await asyncio.to_thread(self._store.save_finished, finished)
+                    self._finished_saved = keys
             except OSError:
                 log.exception("could not save the process list; retrying")
                 self._processes_dirty.set()
@@ -1159,6 +1208,7 @@ class Controller:
     def _save_processes_now(self) -> None:
         try:
             self._store.save_processes(self._process_snapshot())
+            self._store.save_finished(self._finished_snapshot())
         except OSError:
             log.exception("could not save the process list at shutdown")
 
@@ -1176,6 +1226,11 @@ class Controller:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _finished_key(entry: FinishedEntry) -> tuple[object, ...]:
+    """What tells two records of an ending apart (its wall time moves with clock reads)."""
+    return (entry.fingerprint, entry.failed, entry.exit_code, entry.signal, entry.message)
 
 
 def _validate_update(target: AgentSpec) -> None:

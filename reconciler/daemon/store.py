@@ -1,6 +1,6 @@
 """The daemon's state directory: desired state, overrides, adopted pids, operation ids.
 
-One directory (0700, owned by the daemon's user) holds five small JSON files, each
+One directory (0700, owned by the daemon's user) holds six small JSON files, each
 written by one durable-write helper (``write_durably``: temp file 0600 in the same
 directory, write, fsync, rename over the old file, fsync the directory), so a reader
 after any crash sees the whole old file or the whole new one::
@@ -10,6 +10,8 @@ after any crash sees the whole old file or the whole new one::
     patches.json      the generation, and agent id -> the spec a PushUpdate rolled it to
     processes.json    agent id -> pid, start ticks, command line, fingerprint, heartbeat
                       token (what adoption after a daemon restart needs)
+    finished.json     agent id -> the spec fingerprint and exit of an agent that ended for
+                      good under its restart policy (so a restart does not run it again)
     operations.json   the last 1,024 OperateAgent operation ids and their results
 
 Every file is ``{"schema_version": 1, "kind": ..., "checksum": "sha256:...", "body": ...}``
@@ -27,7 +29,9 @@ survive, i.e. when the kernel did not crash, and then the page cache survived to
 SIGKILLed daemon still reads the whole old or new file. ``tests/unit/test_store.py``
 prints both costs; measured here with 1,000 agents (186 KB): 2.5 ms per save without
 fsync, 3.8 ms with (this machine's disk acknowledges fsync fast; real disks take
-milliseconds more). ``sync_processes=True`` turns the fsyncs on.
+milliseconds more). ``sync_processes=True`` turns the fsyncs on. ``finished.json`` is
+written the same way: its entries carry the boot id and count only within that boot
+(after a reboot every agent starts again, as a oneshot service runs again at boot).
 
 Every method does blocking file I/O (an fsync can take tens of milliseconds on a busy
 disk): call them from ``asyncio.to_thread``, one writer at a time, never on the loop.
@@ -40,8 +44,8 @@ does, with ``check_generation``), validate commands against the allow-list
 Failpoints (see ``reconciler.failpoints``): ``store.before_write``,
 ``store.after_tmp_write``, ``store.after_tmp_fsync``, ``store.after_rename``,
 ``store.after_dir_fsync`` for desired.json, and the same suffixes under
-``store.overrides.``, ``store.patches.``, ``store.processes.``, ``store.operations.``
-for the others.
+``store.overrides.``, ``store.patches.``, ``store.processes.``, ``store.finished.``,
+``store.operations.`` for the others.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ from reconciler.model.status import Override
 
 __all__ = [
     "DESIRED_FILE",
+    "FINISHED_FILE",
     "MAX_OPERATIONS",
     "OPERATIONS_FILE",
     "OVERRIDES_FILE",
@@ -91,6 +96,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CorruptFile",
     "DesiredStateStore",
+    "FinishedEntry",
     "GenerationVerdict",
     "LoadResult",
     "MemoryStore",
@@ -120,6 +126,7 @@ DESIRED_FILE: Final = "desired.json"
 OVERRIDES_FILE: Final = "overrides.json"
 PATCHES_FILE: Final = "patches.json"
 PROCESSES_FILE: Final = "processes.json"
+FINISHED_FILE: Final = "finished.json"
 OPERATIONS_FILE: Final = "operations.json"
 MAX_OPERATIONS: Final = 1024
 
@@ -225,6 +232,22 @@ class ProcessEntry:
     boot_id: str = ""
     """The kernel's boot id when it was recorded: start ticks count from boot, so after
     a reboot the same pid and ticks name another process. "" in files from before."""
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedEntry:
+    """An agent that ended for good under its restart policy: completed (exit 0 under
+    OnFailure or Never) or failed (under Never). It stays down until its spec changes
+    or an operator restarts it, across daemon restarts within one boot."""
+
+    fingerprint: str
+    """``AgentSpec.fingerprint()`` of the spec that ended."""
+    failed: bool
+    exit_code: int | None
+    signal: int | None
+    exited_at_wall_s: float
+    message: str
+    boot_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +667,10 @@ class StateStore(Protocol):
 
     def save_processes(self, processes: Mapping[AgentId, ProcessEntry]) -> None: ...
 
+    def load_finished(self) -> dict[AgentId, FinishedEntry]: ...
+
+    def save_finished(self, finished: Mapping[AgentId, FinishedEntry]) -> None: ...
+
     def remember_operation(self, operation_id: OperationId, result: OperationResult) -> None: ...
 
     def lookup_operation(self, operation_id: OperationId) -> OperationResult | None: ...
@@ -744,6 +771,20 @@ class DesiredStateStore:
             body,
             prefix="store.processes",
             sync=self._sync_processes,
+        )
+
+    # -- finished.json --------------------------------------------------------------
+
+    def load_finished(self) -> dict[AgentId, FinishedEntry]:
+        """The agents last recorded as ended for good (empty when absent or corrupt)."""
+        finished, _ = self._load(FINISHED_FILE, "finished", _decode_finished)
+        return finished or {}
+
+    def save_finished(self, finished: Mapping[AgentId, FinishedEntry]) -> None:
+        """Persist the finished agents atomically (fsync only with ``sync_processes``)."""
+        body = {agent: _finished_to_json(entry) for agent, entry in finished.items()}
+        self._write(
+            FINISHED_FILE, "finished", body, prefix="store.finished", sync=self._sync_processes
         )
 
     # -- operations.json ------------------------------------------------------------
@@ -923,6 +964,47 @@ def _decode_processes(body: object) -> dict[AgentId, ProcessEntry]:
     return result
 
 
+_FINISHED_KEYS = frozenset(
+    {"fingerprint", "failed", "exit_code", "signal", "exited_at_wall_s", "message", "boot_id"}
+)
+
+
+def _finished_to_json(entry: FinishedEntry) -> dict[str, Any]:
+    return {
+        "fingerprint": entry.fingerprint,
+        "failed": entry.failed,
+        "exit_code": entry.exit_code,
+        "signal": entry.signal,
+        "exited_at_wall_s": entry.exited_at_wall_s,
+        "message": entry.message,
+        "boot_id": entry.boot_id,
+    }
+
+
+def _optional_integer(obj: object, *, path: str) -> int | None:
+    return None if obj is None else _integer(obj, path=path)
+
+
+def _decode_finished(body: object) -> dict[AgentId, FinishedEntry]:
+    result: dict[AgentId, FinishedEntry] = {}
+    for key, value in _object(body, path="finished").items():
+        path = f"finished[{key}]"
+        data = _object(value, path=path, keys=_FINISHED_KEYS)
+        failed = data["failed"]
+        if not isinstance(failed, bool):
+            raise InvalidArgument(f"{path}.failed", "must be true or false")
+        result[_agent_key(key, path=path)] = FinishedEntry(
+            fingerprint=_string(data["fingerprint"], path=f"{path}.fingerprint"),
+            failed=failed,
+            exit_code=_optional_integer(data["exit_code"], path=f"{path}.exit_code"),
+            signal=_optional_integer(data["signal"], path=f"{path}.signal"),
+            exited_at_wall_s=_number(data["exited_at_wall_s"], path=f"{path}.exited_at_wall_s"),
+            message=_string(data["message"], path=f"{path}.message"),
+            boot_id=_string(data["boot_id"], path=f"{path}.boot_id"),
+        )
+    return result
+
+
 _OPERATION_KEYS = frozenset({"id", "agent_id", "action", "success", "message", "at_wall_s"})
 
 
@@ -969,6 +1051,7 @@ class MemoryStore:
     overrides: dict[AgentId, OverrideEntry] = field(default_factory=dict)
     patches: Patches = field(default_factory=lambda: Patches(Generation(0)))
     processes: dict[AgentId, ProcessEntry] = field(default_factory=dict)
+    finished: dict[AgentId, FinishedEntry] = field(default_factory=dict)
     operations: OrderedDict[OperationId, OperationResult] = field(default_factory=OrderedDict)
     max_operations: int = MAX_OPERATIONS
     saves: int = 0
@@ -1009,6 +1092,12 @@ class MemoryStore:
 
     def save_processes(self, processes: Mapping[AgentId, ProcessEntry]) -> None:
         self.processes = dict(processes)
+
+    def load_finished(self) -> dict[AgentId, FinishedEntry]:
+        return dict(self.finished)
+
+    def save_finished(self, finished: Mapping[AgentId, FinishedEntry]) -> None:
+        self.finished = dict(finished)
 
     def remember_operation(self, operation_id: OperationId, result: OperationResult) -> None:
         self.operations[operation_id] = result

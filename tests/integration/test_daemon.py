@@ -189,6 +189,49 @@ def test_a_killed_daemon_adopts_its_agents_and_restarts_only_the_dead(
     assert daemon.agents()["a00"].restart_count == 0
 
 
+def test_agents_that_ended_for_good_stay_down_across_a_daemon_restart(
+    daemon: DaemonProcess,
+) -> None:
+    on_failure, never = agent_pb2.RESTART_POLICY_ON_FAILURE, agent_pb2.RESTART_POLICY_NEVER
+    agents = [
+        spec("job", ("/bin/true",), restart_policy=on_failure),
+        spec("broken", ("/bin/false",), restart_policy=never),
+        spec("steady"),
+    ]
+    daemon.sync(1, agents)
+
+    def ended() -> dict[str, agent_pb2.AgentInfo] | None:
+        infos = daemon.agents()
+        done = (
+            infos["job"].phase == agent_pb2.AGENT_PHASE_STOPPED
+            and infos["broken"].phase == agent_pb2.AGENT_PHASE_FAILED
+            and infos["steady"].phase == agent_pb2.AGENT_PHASE_RUNNING
+        )
+        return infos if done else None
+
+    before = wait_for(ended, what="the job done and the broken agent failed")
+    finished = daemon.state_dir / "finished.json"  # written a moment after the exits
+    wait_for(
+        lambda: (
+            finished.exists() and set(json.loads(finished.read_text())["body"]) == {"job", "broken"}
+        ),
+        what="finished.json",
+    )
+    daemon.kill()
+    daemon.start()
+    after = wait_for(ended, what="the same after the restart")
+    assert after["broken"].last_exit.exit_code == 1
+    assert after["job"].message == before["job"].message
+    time.sleep(1.0)  # a start would show in the log within this
+
+    def starts(agent_id: str) -> int:
+        return (daemon.root / "daemon.log").read_text().count(f"AgentStarted {agent_id}:")
+
+    assert (starts("job"), starts("broken")) == (1, 1), "each ran once"
+    daemon.sync(2, [spec("job", ("/bin/true", "again"), restart_policy=on_failure), *agents[1:]])
+    wait_for(lambda: starts("job") == 2, what="the changed job run again")
+
+
 def test_stop_and_start_overrides_hold_until_a_newer_generation(daemon: DaemonProcess) -> None:
     daemon.sync(1, [spec("one")])
     wait_for(lambda: "one" in daemon.running(), what="running")

@@ -782,6 +782,38 @@ def test_after_a_reboot_a_process_matching_a_saved_one_is_not_adopted(tmp_path: 
     node_test(body, tmp_path)
 
 
+async def _finished_saved(node: Node, agent_id: str) -> None:
+    for _ in range(100_000):
+        if AgentId(agent_id) in node.store.finished:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("finished.json was never saved")
+
+
+@pytest.mark.parametrize(
+    ("boot_id", "starts"),
+    [pytest.param("boot-1", 1, id="same-boot"), pytest.param("boot-2", 2, id="after-a-reboot")],
+)
+def test_an_agent_that_completed_stays_down_for_the_next_daemon_of_the_same_boot(
+    tmp_path: Path, boot_id: str, starts: int
+) -> None:
+    async def body(node: Node) -> None:
+        await node.apply(1, agent("job", restart_policy=RestartPolicy.ON_FAILURE))
+        node.supervisor.exit(AgentId("job"), code=0)
+        await node.settle()
+        await _finished_saved(node, "job")
+        assert node.phase("job") is Phase.STOPPED
+        node.boot_id = boot_id
+        node = await node.crash_restart()
+        assert node.starts_of("job") == starts - 1  # the new supervisor's own count
+        if starts == 1:
+            assert node.phase("job") is Phase.STOPPED
+            last_exit = node.controller.agent(AgentId("job")).record.last_exit
+            assert last_exit is not None and last_exit.code == 0
+
+    node_test(body, tmp_path)
+
+
 def test_the_process_list_is_saved_for_the_next_daemon(tmp_path: Path) -> None:
     async def body(node: Node) -> None:
         await node.apply(1, agent("a"))

@@ -18,11 +18,13 @@ from reconciler import failpoints
 from reconciler.daemon.clock import FakeClock
 from reconciler.daemon.store import (
     DESIRED_FILE,
+    FINISHED_FILE,
     OPERATIONS_FILE,
     OVERRIDES_FILE,
     PATCHES_FILE,
     PROCESSES_FILE,
     DesiredStateStore,
+    FinishedEntry,
     MemoryStore,
     OperationResult,
     OverrideEntry,
@@ -526,6 +528,26 @@ def test_a_bad_patches_file_is_moved_aside_and_reported(
         (state_dir / PATCHES_FILE).write_bytes(body)
     assert store.load_patches() == Patches(Generation(0))
     assert [c.path.name for c in store.corrupt_files] == [PATCHES_FILE]
+
+
+# -- finished.json ----------------------------------------------------------------------
+
+
+def test_finished_agents_round_trip(store: DesiredStateStore, clock: FakeClock) -> None:
+    finished = {
+        AgentId("job"): FinishedEntry("f1", False, 0, None, 1_700_000_000.5, "done", "boot"),
+        AgentId("oom"): FinishedEntry("f2", True, None, 9, 1_700_000_001.0, "killed", "boot"),
+    }
+    store.save_finished(finished)
+    assert reopen(store, clock).load_finished() == finished
+
+
+def test_a_corrupt_finished_file_is_moved_aside_and_reported(
+    store: DesiredStateStore, state_dir: Path
+) -> None:
+    (state_dir / FINISHED_FILE).write_bytes(b'{"schema_version": 1, "kind": "finished"')
+    assert store.load_finished() == {}
+    assert [c.path.name for c in store.corrupt_files] == [FINISHED_FILE]
 
 
 # -- processes.json ---------------------------------------------------------------------
