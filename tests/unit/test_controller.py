@@ -809,7 +809,8 @@ def test_an_agent_that_completed_stays_down_for_the_next_daemon_of_the_same_boot
         if starts == 1:
             assert node.phase("job") is Phase.STOPPED
             last_exit = node.controller.agent(AgentId("job")).record.last_exit
-            assert last_exit is not None and last_exit.code == 0
+            assert last_exit is not None
+            assert last_exit.code == 0
 
     node_test(body, tmp_path)
 
