@@ -49,6 +49,9 @@ How a process is stopped
     group, the main process and every descendant; wait up to ``grace_s`` for all of
     them; then SIGKILL the group and every one still alive, including any forked
     during the grace period. ``stop`` returns once they are gone, and is idempotent.
+    Stops that begin in the same pass of the event loop (a generation that drops a
+    thousand agents, a daemon stopping its agents on exit) share one read of /proc:
+    a read per stop would cost O(agents x processes) with the loop stopped.
 
 Adoption identity
     pid, start time in clock ticks since boot (/proc/PID/stat field 22) and command
@@ -297,6 +300,7 @@ class ProcessSupervisor:
         self._callback: ExitCallback | None = None
         self._tracked: dict[int, _Tracked] = {}
         self._stopping: dict[int, asyncio.Task[None]] = {}
+        self._table: list[procfs.ProcStat] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -556,8 +560,19 @@ class ProcessSupervisor:
             for pidfd in victims.values():
                 os.close(pidfd)
 
+    def _process_table(self) -> list[procfs.ProcStat]:
+        """/proc as read once in this pass of the loop (forgotten at the next pass)."""
+        if self._table is None:
+            self._table = procfs.scan()
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._forget_table)
+        return self._table
+
+    def _forget_table(self) -> None:
+        self._table = None
+
     def _victim_stats(self, handle: ProcessHandle) -> list[procfs.ProcStat]:
-        table = procfs.scan()
+        table = self._process_table()
         found = {stat.pid: stat for stat in procfs.descendants(handle.pid, table)}
         me = os.getpid()
         for stat in table:

@@ -514,6 +514,26 @@ async def test_adoption_of_a_dead_pid_is_refused(
     assert adopted is None
 
 
+async def test_stops_begun_together_share_one_read_of_proc(
+    supervisor: ProcessSupervisor, exits: Exits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handles = [await supervisor.start(spec(f"many-{i}", SLEEP, "60"), env={}) for i in range(20)]
+    real_scan = procfs.scan
+    scans: list[int] = []
+
+    def counting_scan() -> list[procfs.ProcStat]:
+        scans.append(1)
+        return list(real_scan())
+
+    monkeypatch.setattr(procfs, "scan", counting_scan)
+    await asyncio.gather(*(supervisor.stop(h, grace_s=5.0) for h in handles))
+    assert all(gone(h.pid) for h in handles)
+    assert len(scans) == 1, "one read of /proc for twenty stops begun in one pass"
+    stopped_alone = await supervisor.start(spec("alone", SLEEP, "60"), env={})
+    await supervisor.stop(stopped_alone, grace_s=5.0)
+    assert len(scans) == 2, "a later stop reads /proc afresh"
+
+
 # ---------------------------------------------------------------- logs
 
 
