@@ -82,6 +82,16 @@ class CommandPolicy:
         _check_executable(path, real, field=program_field)
         return (path, *command[1:])
 
+    def check_allowed(self, path: str, *, field: str) -> None:
+        """Raise ``InvalidArgument`` unless the absolute ``path`` is allowed now.
+
+        The allow-list half of ``resolve``, for a program resolved earlier (under
+        settings that may have changed since). It does not ask for the file to exist:
+        a program missing for a moment fails its start, and is retried, instead.
+        """
+        normal = _normalise(path)
+        self._check_allowed(normal, os.path.realpath(normal), field=field)
+
     def _locate(self, program: str, *, field: str) -> str:
         if not isinstance(program, str) or not program:
             raise InvalidArgument(field, "the program must be a non-empty string")

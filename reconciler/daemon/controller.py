@@ -184,6 +184,8 @@ class CommandResolver(Protocol):
 
     def resolve(self, command: Sequence[str], *, field: str) -> tuple[str, ...]: ...
 
+    def check_allowed(self, path: str, *, field: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class NodeProcess:
@@ -270,6 +272,9 @@ class Controller:
         self._desired = NodeDesiredState(Generation(0))
         self._specs: dict[AgentId, AgentSpec] = {}
         self._patches: dict[AgentId, AgentSpec] = {}
+        # Programs of the stored desired state that this daemon's allow-list (which may
+        # have changed while it was down) no longer allows: never started again.
+        self._refused_programs: dict[str, str] = {}
         self._overrides: dict[AgentId, OverrideEntry] = {}
         self._records: dict[AgentId, AgentRecord] = {}
         self._handles: dict[AgentId, ProcessHandle] = {}
@@ -318,11 +323,35 @@ class Controller:
         patches = self._store.load_patches()
         if patches.generation == self._desired.generation:  # else a newer one replaced them
             self._patches = {a: spec for a, spec in patches.specs.items() if a in self._specs}
+        self._check_stored_commands()
         self._adopt(self._store.load_processes())
         self._restore_finished(self._store.load_finished())
         await self._stop_unrecorded()
         if run:
             self.run()
+
+    def _check_stored_commands(self) -> None:
+        """Check the stored specs' programs against the allow-list of this start.
+
+        A desired state was checked when it arrived, under the settings of that time;
+        one that a narrower ``agents.allowed_commands`` no longer allows is kept (the
+        next generation replaces it) but its program is not started again. A process
+        already running it is left to run, and named in the log.
+        """
+        for agent_id in sorted(self._specs):
+            spec = self._spec(agent_id)
+            if spec is None or not spec.command or spec.command[0] in self._refused_programs:
+                continue
+            try:
+                self._commands.check_allowed(spec.command[0], field=f"{agent_id}.command[0]")
+            except InvalidArgument as error:
+                self._refused_programs[spec.command[0]] = str(error)
+                log.warning(
+                    "the stored desired state runs a program this daemon's settings no "
+                    "longer allow; it will not be started again: %s",
+                    error,
+                    extra={"agent_id": agent_id},
+                )
 
     def run(self) -> None:
         """Start reconciling: the workers, the processes file writer, a pass per agent.
@@ -443,6 +472,7 @@ class Controller:
             failpoints.failpoint("controller.after_persist")
             touched = set(self._specs) | self._pending | {spec.id for spec in resolved.agents}
             self._set_desired(resolved)
+            self._refused_programs = {}  # every program of ``resolved`` was just checked
             self._pending |= touched
             if self._patches:
                 self._patches = {}
@@ -860,6 +890,9 @@ class Controller:
             self._start_causes[agent_id] = otel_context.get_current()
             env = self._spawn_env(spec, token)
             try:
+                refused = self._refused_programs.get(spec.command[0]) if spec.command else None
+                if refused is not None:
+                    raise SpawnError(refused)
                 handle = await self._supervisor.start(spec, env=env)
             except SpawnError as error:
                 now = self._clock.monotonic()

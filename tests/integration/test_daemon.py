@@ -232,6 +232,26 @@ def test_agents_that_ended_for_good_stay_down_across_a_daemon_restart(
     wait_for(lambda: starts("job") == 2, what="the changed job run again")
 
 
+def test_a_narrower_allow_list_at_restart_starts_no_program_it_refuses(
+    daemon: DaemonProcess,
+) -> None:
+    daemon.sync(1, [spec("gone"), spec("kept")])
+    before = wait_for(lambda: len(daemon.running()) == 2 and daemon.running(), what="both")
+    daemon.kill()
+    os.kill(before["gone"], signal.SIGKILL)
+    daemon.settings = {"agents": {"allowed_commands": ["/usr/local/bin/*"]}}
+    daemon.start()
+
+    def refused() -> agent_pb2.AgentInfo | None:
+        info = daemon.agents()["gone"]
+        return info if "agents.allowed_commands" in info.message else None
+
+    info = wait_for(refused, what="the refusal in the agent's status")
+    assert info.pid == 0
+    assert daemon.running() == {"kept": before["kept"]}, "a running process is left to run"
+    assert "no longer allow" in (daemon.root / "daemon.log").read_text()
+
+
 def test_stop_and_start_overrides_hold_until_a_newer_generation(daemon: DaemonProcess) -> None:
     daemon.sync(1, [spec("one")])
     wait_for(lambda: "one" in daemon.running(), what="running")

@@ -111,6 +111,20 @@ def test_refused_commands_name_the_program_field(
     assert reason in caught.value.reason
 
 
+def test_check_allowed_is_the_allow_list_half_of_resolve(tree: Path) -> None:
+    policy = _policy(tree, "{tree}/bin/*")
+    policy.check_allowed(f"{tree}/bin/agent", field="a.command[0]")
+    policy.check_allowed(f"{tree}/bin/missing", field="a.command[0]")  # a start fails instead
+    for refused, reason in [
+        (f"{tree}/other/tool", "matches no pattern"),
+        (f"{tree}/bin/link", "through symbolic links"),
+    ]:
+        with pytest.raises(InvalidArgument) as caught:
+            policy.check_allowed(refused, field="a.command[0]")
+        assert caught.value.field == "a.command[0]"
+        assert reason in caught.value.reason
+
+
 def test_an_empty_command_names_the_command_field(tree: Path) -> None:
     with pytest.raises(InvalidArgument) as caught:
         _policy(tree, "{tree}/bin/*").resolve([], field=FIELD)
