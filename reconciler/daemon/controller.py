@@ -839,8 +839,9 @@ class Controller:
             self._mark_observed()
 
     def _mark_observed(self) -> None:
-        if not self._pending:
+        if not self._pending and self._observed_generation != self._desired.generation:
             self._observed_generation = self._desired.generation
+            self._changed()  # a report tells the Manager, with the states it was reached in
 
     async def _execute(self, agent_id: AgentId, action: Action) -> None:
         now = self._clock.monotonic()

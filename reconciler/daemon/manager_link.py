@@ -14,6 +14,12 @@ status is a real answer and is logged, then tried again on the next tick.
 Convergence does not depend on the Manager's push reaching us: each heartbeat answer
 carries the node's desired generation, and a daemon that is behind pulls it with
 GetDesiredState.
+
+The observed generation a heartbeat or a registration tells is never newer than the
+one of the last report the Manager took: a report carries the agents' states and the
+generation they were observed under, read together, so a Manager (and ``apply
+--wait``) that sees generation N acted on also holds agent states from N on, never the
+states of an older report beside a newer generation.
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ class ManagerLink:
         self._changed = asyncio.Event()
         self._metrics_sent_until = clock.wall()
         self._refused_generation = 0
+        self._reported_generation = 0
+        """The observed generation of the last report the Manager took."""
         self._pulling = asyncio.Lock()
         self.calls_failed = 0
         self.registrations = 0
@@ -161,14 +169,17 @@ class ManagerLink:
             daemon_address=self._daemon_address(),
             capabilities=["pidfd", "adoption", "push-update"],
             current_generation=self._controller.generation,
-            observed_generation=self._controller.observed_generation,
+            observed_generation=self._told_observed_generation(),
         )
+
+    def _told_observed_generation(self) -> int:
+        return min(self._controller.observed_generation, self._reported_generation)
 
     async def _heartbeat(self) -> None:
         request = manager_pb2.HeartbeatRequest(
             node_id=self._controller.node_id,
             current_generation=self._controller.generation,
-            observed_generation=self._controller.observed_generation,
+            observed_generation=self._told_observed_generation(),
             sent_at=timestamp(self._clock.wall()),
         )
         try:
@@ -232,6 +243,7 @@ class ManagerLink:
             self._pending.extend(events)
             self._failed("SyncAgentStates", error)
             return
+        self._reported_generation = max(self._reported_generation, request.observed_generation)
         await self._catch_up(answer.desired_generation)
         await self._report_metrics()
 
