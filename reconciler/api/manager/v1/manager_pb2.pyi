@@ -83,7 +83,9 @@ class RegisterNodeRequest(_message.Message):
     lost the node numbers its next desired generation above it.
     """
     observed_generation: _builtins.int
-    """The newest generation the daemon has fully acted on."""
+    """The newest generation the daemon has fully acted on and reported the agents' states
+    of (SyncAgentStates), so the Manager never pairs it with older states.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The node's labels (from the daemon's node.labels setting)."""
@@ -162,7 +164,9 @@ class HeartbeatRequest(_message.Message):
     current_generation: _builtins.int
     """The desired generation the daemon holds."""
     observed_generation: _builtins.int
-    """The newest generation the daemon has fully acted on."""
+    """The newest generation the daemon has fully acted on and reported the agents' states
+    of (SyncAgentStates), so the Manager never pairs it with older states.
+    """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """When the daemon sent the heartbeat, by its clock."""
