@@ -509,7 +509,7 @@ async def _poll(snapshot: Snapshot, *, timeout_s: float) -> Convergence:
 
 
 def _end_wait(state: Convergence, *, timeout_s: float) -> None:
-    """Name the agents held stopped; exit 1 with the reasons unless converged."""
+    """Name the agents left out of the wait; exit 1 with the reasons unless converged."""
     for note in state.left_out:
         click.echo(f"note: {note}", err=True)
     if not state.converged:

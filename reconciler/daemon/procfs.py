@@ -109,9 +109,8 @@ def start_ticks_between(before_ns: int, after_ns: int) -> int | None:
     (~0.3 ms here). ``None`` when the readings straddle a tick boundary (about one
     spawn in a hundred): read /proc then.
     """
-    tick_ns = _TICK_NS
-    first = before_ns // tick_ns
-    return first if after_ns // tick_ns == first else None
+    first = before_ns // _TICK_NS
+    return first if after_ns // _TICK_NS == first else None
 
 
 def read_cmdline(pid: int) -> tuple[str, ...] | None:
