@@ -288,6 +288,10 @@ class AgentsSettings:
     """Size at which an agent's log file is rotated, in bytes. Default 10485760 (10 MiB)."""
     log_backups: int = _bounded(3, minimum=0)
     """Rotated log files kept per agent (0 keeps none). Default 3."""
+    failure_output: bool = True
+    """On a failed exit, add the last line the agent printed to its status message and
+    exit event ("exited with code 2: error: ..."), which the Manager stores and shows.
+    Default true; false keeps agent output on the node."""
     stop_agents_on_exit: bool = False
     """Stop every agent when the daemon exits. Default false: agents keep running and
     a restarted daemon adopts them, so a daemon upgrade costs the agents nothing."""

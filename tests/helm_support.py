@@ -78,6 +78,7 @@ SETTINGS_CONTRACT: dict[str, dict[str, set[str] | None]] = {
             "log_dir",
             "log_max_bytes",
             "log_backups",
+            "failure_output",
             "stop_agents_on_exit",
         },
         "backoff": {"initial_s", "max_s", "reset_after_s", "burst_starts", "burst_window_s"},

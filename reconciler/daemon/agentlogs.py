@@ -12,6 +12,10 @@ agent needs a signal to reopen its log. The known price of copytruncate is that
 lines written between the copy and the truncate are lost; the window is one
 ``copy_file_range`` of at most ``max_bytes`` plus a little.
 
+``last_line`` reads back what a process printed last, for the message of a failed
+exit ("exited with code 2: error: no such file /etc/shipper.yaml"), as Kubernetes'
+``FallbackToLogsOnError`` does for a container's termination message.
+
 What it does not do: run on a timer (the controller calls ``rotate_all`` every few
 seconds, from a thread when files are large), or ship logs anywhere.
 """
@@ -21,17 +25,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 from reconciler.model.ids import AgentId, is_valid_agent_id
 
-__all__ = ["AgentLogs"]
+__all__ = ["LAST_LINE_MAX_CHARS", "AgentLogs", "printable_line"]
 
 _log = logging.getLogger(__name__)
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o640
 _COPY_CHUNK_BYTES = 1 << 20
+_LAST_LINE_READ_BYTES = 4096
+"""How far back from the end ``last_line`` reads."""
+LAST_LINE_MAX_CHARS = 200
+_TERMINAL_SEQUENCE = re.compile(
+    r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[ -/]*[0-~])"
+)
+"""CSI (colours, cursor moves), OSC (titles, links) and the other escape sequences."""
 
 
 class AgentLogs:
@@ -45,6 +57,8 @@ class AgentLogs:
         self.log_dir = Path(log_dir)
         self.max_bytes = max_bytes
         self.backups = backups
+        self._output_start: dict[AgentId, int] = {}
+        """Per agent, the offset where its newest process's output begins."""
 
     def path_for(self, agent_id: AgentId) -> Path:
         """The live log file of ``agent_id``."""
@@ -67,18 +81,23 @@ class AgentLogs:
             return os.open(path, flags, _FILE_MODE)
 
     def open_for_start(self, agent_id: AgentId) -> int:
-        """``open_for_append``, rotating first when the live file reached ``max_bytes``.
+        """``open_for_append``, rotating first when the live file reached ``max_bytes``,
+        for a new process of ``agent_id``: where its output begins is kept for
+        ``last_line``.
 
         One open and one ``fstat`` on an agent's start (a separate ``stat`` of a file
         that does not exist yet costs an exception each time).
         """
         fd = self.open_for_append(agent_id)
         try:
-            if os.fstat(fd).st_size >= self.max_bytes:
+            size = os.fstat(fd).st_size
+            if size >= self.max_bytes:
                 self.rotate(agent_id)  # the O_APPEND descriptor writes at the new end
+                size = 0
         except BaseException:
             os.close(fd)
             raise
+        self._output_start[agent_id] = size
         return fd
 
     def size_bytes(self, agent_id: AgentId) -> int:
@@ -128,16 +147,38 @@ class AgentLogs:
             self._copy(live, self.backup_path(agent_id, 1))
         with contextlib.suppress(FileNotFoundError):
             os.truncate(live, 0)
+        if agent_id in self._output_start:
+            self._output_start[agent_id] = 0
 
-    def read_tail(self, agent_id: AgentId, *, max_bytes: int) -> bytes:
-        """The last ``max_bytes`` of the live file (for showing an agent's recent output)."""
+    def last_line(self, agent_id: AgentId) -> str:
+        """The last non-blank line the newest process of ``agent_id`` (started through
+        ``open_for_start``) wrote, made safe to show (``printable_line``); "" when it
+        wrote none, it was not started here, or the file cannot be read.
+
+        Only what follows the process's start is read, so an earlier process's output
+        is never taken for this one's; a rotation moves that start to the beginning of
+        the truncated file. Reads at most the last 4 KiB.
+        """
+        since = self._output_start.get(agent_id)
+        if since is None:
+            return ""
         try:
-            with open(self.path_for(agent_id), "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                handle.seek(max(0, size - max_bytes))
-                return handle.read(max_bytes)
-        except FileNotFoundError:
-            return b""
+            fd = os.open(self.path_for(agent_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return ""
+        try:
+            size = os.fstat(fd).st_size
+            # Shorter than its start: truncated by a rotation this object did not make.
+            start = max(since if size >= since else 0, size - _LAST_LINE_READ_BYTES)
+            data = os.pread(fd, size - start, start)
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+        for line in reversed(data.decode("utf-8", errors="replace").split("\n")):
+            if shown := printable_line(line):
+                return shown
+        return ""
 
     def _shift_backups(self, agent_id: AgentId) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -162,6 +203,17 @@ class AgentLogs:
         finally:
             os.close(src)
         os.replace(partial, target)
+
+
+def printable_line(text: str) -> str:
+    """``text`` as one line safe for a terminal and a status message: terminal escape
+    sequences dropped, other unprintable characters (controls, bidi overrides) and
+    runs of white space made one space, cut to ``LAST_LINE_MAX_CHARS``."""
+    text = _TERMINAL_SEQUENCE.sub("", text)
+    shown = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(shown) > LAST_LINE_MAX_CHARS:
+        shown = shown[: LAST_LINE_MAX_CHARS - 1] + "…"
+    return shown
 
 
 def _copy_fd(src: int, dst: int) -> None:

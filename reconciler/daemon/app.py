@@ -117,6 +117,7 @@ class DaemonApp:
             allow_root=settings.agents.allow_root,
             clock=self.clock,
             default_working_dir=default_working_dir,
+            failure_output=settings.agents.failure_output,
         )
         self.monitor = ResourceMonitor(
             clock=self.clock,

@@ -27,7 +27,10 @@ How an exit is seen
     ``waitid(P_PIDFD, fd, WEXITED)``, which gives the exit code or signal for our own
     children. An adopted process is usually not our child (its parent, the previous
     daemon, is gone): ``waitid`` answers ECHILD and the exit is reported with an
-    unknown status, ``ExitInfo(code=None, signal=None)``.
+    unknown status, ``ExitInfo(code=None, signal=None)``. When one of our children
+    fails (a non-zero code or a signal), the last line it printed is read back from
+    its log file into ``ExitInfo.output`` (``failure_output``; off, output stays on
+    the node).
 
 Why the daemon is a child subreaper
     An agent that forks and lets its children outlive it (a daemonising helper, a
@@ -75,7 +78,7 @@ import pwd
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler.daemon import procfs
@@ -287,9 +290,11 @@ class ProcessSupervisor:
         default_working_dir: str = "/",
         subreaper: bool = True,
         kill_wait_s: float = 10.0,
+        failure_output: bool = True,
     ) -> None:
         """``default_working_dir`` serves specs without ``working_dir``; ``kill_wait_s``
-        bounds the wait after SIGKILL (a process in disk wait may take a while)."""
+        bounds the wait after SIGKILL (a process in disk wait may take a while);
+        ``failure_output`` reads a failed child's last line into its ``ExitInfo``."""
         self.logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
         self.allow_root = allow_root
         self.subreaper = subreaper
@@ -297,6 +302,7 @@ class ProcessSupervisor:
         self._policy = command_policy
         self._default_working_dir = default_working_dir
         self._kill_wait_s = kill_wait_s
+        self._failure_output = failure_output
         self._callback: ExitCallback | None = None
         self._tracked: dict[int, _Tracked] = {}
         self._stopping: dict[int, asyncio.Task[None]] = {}
@@ -520,8 +526,12 @@ class ProcessSupervisor:
         if result is None:
             return None
         if result.si_code == os.CLD_EXITED:
-            return ExitInfo(code=result.si_status, signal=None, at_s=now)
-        return ExitInfo(code=None, signal=result.si_status, at_s=now)
+            info = ExitInfo(code=result.si_status, signal=None, at_s=now)
+        else:
+            info = ExitInfo(code=None, signal=result.si_status, at_s=now)
+        if info.succeeded or not self._failure_output or not entry.spawned:
+            return info
+        return replace(info, output=self.logs.last_line(entry.handle.agent_id))
 
     def _untrack(self, entry: _Tracked) -> None:
         self._tracked.pop(entry.handle.pid, None)

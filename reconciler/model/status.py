@@ -111,6 +111,9 @@ class ExitInfo:
     at_s: float
     spawn_error: str = ""
     """Set when the process never ran (exec failed); ``code`` and ``signal`` are None."""
+    output: str = ""
+    """The last line the process printed before a failed exit, when the daemon read it
+    (printable, one line); "" otherwise."""
 
     @property
     def succeeded(self) -> bool:
@@ -118,7 +121,8 @@ class ExitInfo:
         return self.code == 0 and self.signal is None and not self.spawn_error
 
     def describe(self) -> str:
-        """A short phrase for messages: 'exited with code 1', 'killed by SIGKILL'."""
+        """A short phrase for messages: 'exited with code 1', 'killed by SIGKILL', and
+        the last line printed when known: 'exited with code 2: no such file x.yaml'."""
         if self.spawn_error:
             return f"failed to start: {self.spawn_error}"
         if self.signal is not None:
@@ -126,10 +130,12 @@ class ExitInfo:
                 name = signal.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            return f"killed by {name}"
-        if self.code is None:
+            how = f"killed by {name}"
+        elif self.code is None:
             return "exited (status unknown: it was adopted, not spawned, by this daemon)"
-        return f"exited with code {self.code}"
+        else:
+            how = f"exited with code {self.code}"
+        return f"{how}: {self.output}" if self.output else how
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,29 @@ def test_a_killed_agent_is_restarted_at_once_and_a_crash_loop_backs_off(
     assert info.last_exit.exit_code == 1
 
 
+@pytest.mark.parametrize("failure_output", [True, False])
+def test_a_failing_agent_says_why_in_its_status_unless_output_stays_on_the_node(
+    tmp_path: Path, failure_output: bool
+) -> None:
+    script = "echo loading; echo 'error: cannot open /etc/cfg.yaml' >&2; exit 3"
+    daemon = DaemonProcess(
+        tmp_path / "daemon", settings={"agents": {"failure_output": failure_output}}
+    )
+    try:
+        daemon.start()
+        daemon.sync(1, [spec("cfg", command=("/bin/sh", "-c", script))])
+        info = wait_for(
+            lambda: (i := daemon.agents()["cfg"]).phase == agent_pb2.AGENT_PHASE_BACKOFF and i,
+            what="cfg in backoff",
+        )
+        said = "exited with code 3: error: cannot open /etc/cfg.yaml"
+        expected = said if failure_output else "exited with code 3"
+        assert (info.message, info.backoff.reason) == (expected, expected)
+        assert info.last_exit.exit_code == 3
+    finally:
+        daemon.close()
+
+
 def test_stale_and_replayed_generations(daemon: DaemonProcess) -> None:
     daemon.sync(5, [spec("one")])
     again = daemon.sync(5, [spec("one")])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.daemon import procfs
-from reconciler.daemon.agentlogs import AgentLogs
+from reconciler.daemon.agentlogs import LAST_LINE_MAX_CHARS, AgentLogs, printable_line
 from reconciler.daemon.clock import FakeClock
 from reconciler.daemon.commands import CommandPolicy
 from reconciler.daemon.supervisor import (
@@ -546,6 +546,83 @@ async def test_output_is_appended_across_restarts(
     assert supervisor.logs.path_for(AgentId("talker")).read_text() == "first\nsecond\n"
 
 
+async def test_a_failed_exit_carries_the_last_line_this_process_printed(
+    supervisor: ProcessSupervisor, exits: Exits
+) -> None:
+    first = await supervisor.start(
+        spec("failing", *python("print('a line of an earlier run')")), env={}
+    )
+    assert (await exits.wait(first)).output == "", "a clean exit reads nothing back"
+    code = """
+        import sys
+        print("starting", flush=True)
+        line = "\\x1b[31merror:\\x1b[0m cannot open /etc/x.yaml\\r\\t\\u202e(no such file)"
+        print(line, file=sys.stderr)
+        print("   ", flush=True)
+        sys.exit(2)
+    """
+    handle = await supervisor.start(spec("failing", *python(code)), env={})
+    info = await exits.wait(handle)
+    assert info.output == "error: cannot open /etc/x.yaml (no such file)"
+    assert info.describe() == "exited with code 2: error: cannot open /etc/x.yaml (no such file)"
+    silent = await supervisor.start(
+        spec("failing", *python("import os; os.kill(os.getpid(), 9)")), env={}
+    )
+    info = await exits.wait(silent)
+    assert info.output == "", "an earlier process's output is never this one's"
+    assert info.describe() == "killed by SIGKILL"
+
+
+async def test_failure_output_can_be_kept_on_the_node(tmp_path: Path, exits: Exits) -> None:
+    sup = ProcessSupervisor(tmp_path / "logs", failure_output=False)
+    sup.set_exit_callback(exits)
+    try:
+        handle = await sup.start(
+            spec("quiet", *python("print('secret'); raise SystemExit(1)")), env={}
+        )
+        info = await exits.wait(handle)
+        assert (info.code, info.output) == (1, "")
+        assert "secret" in sup.logs.path_for(AgentId("quiet")).read_text()
+    finally:
+        await sup.close()
+
+
+def test_the_last_line_is_read_from_the_new_output_only_and_after_a_rotation(
+    tmp_path: Path,
+) -> None:
+    logs = AgentLogs(tmp_path, max_bytes=1 << 20, backups=1)
+    agent = AgentId("reader")
+    assert logs.last_line(agent) == "", "no process started here"
+    fd = logs.open_for_start(agent)
+    os.write(fd, b"old run\n")
+    os.close(fd)
+    fd = logs.open_for_start(agent)
+    assert logs.last_line(agent) == "", "the earlier process's line is not this one's"
+    os.write(fd, b"x" * 5000 + b"\nthe end\n\n")
+    assert logs.last_line(agent) == "the end"
+    logs.rotate(agent)  # copytruncate: the writer goes on at the start of the live file
+    os.write(fd, b"after the rotation, longer than the old run\n")
+    assert logs.last_line(agent) == "after the rotation, longer than the old run"
+    os.truncate(logs.path_for(agent), 0)  # truncated by someone else
+    os.write(fd, b"short\n")
+    os.close(fd)
+    assert logs.last_line(agent) == "short"
+    fd = logs.open_for_start(agent)
+    os.write(fd, b"bad bytes \xff\xfe end\n")
+    os.close(fd)
+    assert logs.last_line(agent) == "bad bytes \ufffd\ufffd end"
+
+
+def test_a_printed_line_is_made_safe_to_show() -> None:
+    assert (
+        printable_line("\x1b]0;title\x07\x1b[1mbold\x1b[0m\x00 \x1bc\u200ftext\u2028")
+        == "bold text"
+    )
+    long = printable_line("y" * 500)
+    assert len(long) == LAST_LINE_MAX_CHARS
+    assert long.endswith("…")
+
+
 async def test_rotation_copies_and_truncates_while_the_agent_keeps_writing(
     tmp_path: Path, exits: Exits
 ) -> None:
@@ -584,7 +661,7 @@ def test_rotation_keeps_only_the_configured_number_of_backups(tmp_path: Path) ->
     assert logs.backup_path(agent, 1).read_text() == "three!"
     assert logs.backup_path(agent, 2).read_text() == "two!"
     assert not logs.backup_path(agent, 3).exists()
-    assert logs.read_tail(agent, max_bytes=10) == b""
+    assert logs.size_bytes(agent) == 0
     assert not logs.rotate_if_needed(agent)
 
 
