@@ -414,7 +414,8 @@ class DaemonSettings:
 
     node: NodeSettings = field(default_factory=NodeSettings)
     state_dir: str = "/var/lib/reconciler"
-    """Directory of the desired state, adopted pids and agent logs (created 0700).
+    """Directory of the desired state, adopted pids and agent logs (created 0700); one
+    daemon at a time may run from it.
     Default /var/lib/reconciler."""
     grpc: DaemonGrpcSettings = field(default_factory=DaemonGrpcSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)

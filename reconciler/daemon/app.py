@@ -17,7 +17,6 @@ SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -36,9 +35,10 @@ from reconciler.config import (
     parse_advertised,
     settings_to_dict,
 )
+from reconciler.daemon import unixsocket
 from reconciler.daemon.clock import Clock, SystemClock
 from reconciler.daemon.commands import CommandPolicy
-from reconciler.daemon.controller import Controller
+from reconciler.daemon.controller import Controller, ProcessOwner
 from reconciler.daemon.heartbeat import (
     HeartbeatStats,
     HttpHeartbeatReceiver,
@@ -51,7 +51,7 @@ from reconciler.daemon.manager_link import LinkPolicy, ManagerLink
 from reconciler.daemon.metrics import CountingEventLog, DaemonCollector, daemon_registry
 from reconciler.daemon.monitor import ResourceMonitor, ResourcePoint
 from reconciler.daemon.service import DaemonService
-from reconciler.daemon.store import DesiredStateStore
+from reconciler.daemon.store import DesiredStateStore, StateDirLock
 from reconciler.daemon.supervisor import ProcessSupervisor
 from reconciler.lifecycle import run_until_signalled
 from reconciler.model.ids import AgentId, NodeId
@@ -107,6 +107,8 @@ class DaemonApp:
         self.clock: Clock = clock or SystemClock()
         self.node_id = NodeId(settings.node.id or socket.gethostname())
         state_dir = Path(settings.state_dir)
+        # First: nothing below may read or write a directory another daemon runs from.
+        self.state_lock = StateDirLock(state_dir)
         self.store = DesiredStateStore(state_dir, clock=self.clock)
         self.events = CountingEventLog(node_id=self.node_id, wall=self.clock.wall)
         self.commands = CommandPolicy(settings.agents.allowed_commands, allow_any=allow_any_command)
@@ -127,7 +129,7 @@ class DaemonApp:
         )
         self.heartbeat_stats = HeartbeatStats()
         self.controller = Controller(
-            node_id=self.node_id,
+            owner=ProcessOwner(self.node_id, str(state_dir.resolve())),
             store=self.store,
             supervisor=self.supervisor,
             commands=self.commands,
@@ -159,6 +161,7 @@ class DaemonApp:
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
         self._grpc_port = 0
+        self._grpc_socket: unixsocket.Identity | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
 
@@ -203,6 +206,7 @@ class DaemonApp:
                 await closer()
             except Exception:
                 log.exception("error while stopping")
+        self.state_lock.release()
 
     @property
     def addresses(self) -> Addresses:
@@ -313,11 +317,12 @@ class DaemonApp:
         if grpc_settings.listen:
             self._grpc_port = tls.add_listen_port(server, grpc_settings.listen, self.settings.tls)
         if grpc_settings.unix_socket:
-            _remove_stale_socket(grpc_settings.unix_socket)
+            unixsocket.claim(grpc_settings.unix_socket)
             tls.add_listen_port(server, f"unix:{grpc_settings.unix_socket}", self.settings.tls)
         await server.start()
         if grpc_settings.unix_socket:
             os.chmod(grpc_settings.unix_socket, 0o660)
+            self._grpc_socket = unixsocket.identity(grpc_settings.unix_socket)
         self.server = server
         self._closers.append(self._stop_grpc)
         await rpc.set_serving(self.health, [SERVICE_NAME], serving=True)
@@ -366,7 +371,7 @@ class DaemonApp:
             await self.server.stop(grace=5.0)
             self.server = None
         if self.settings.grpc.unix_socket:
-            _remove_stale_socket(self.settings.grpc.unix_socket)
+            unixsocket.remove_own(self.settings.grpc.unix_socket, self._grpc_socket)
 
     async def _stop_controller(self) -> None:
         await self.controller.stop(stop_agents=self.settings.agents.stop_agents_on_exit)
@@ -410,12 +415,6 @@ class DaemonApp:
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _remove_stale_socket(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if Path(path).is_socket():
-            os.unlink(path)
 
 
 async def run_daemon(settings: DaemonSettings, *, allow_any_command: bool = False) -> None:

@@ -86,6 +86,7 @@ __all__ = [
     "NodeProcess",
     "Operation",
     "OperationOutcome",
+    "ProcessOwner",
     "ResourceTracker",
     "UpdateOutcome",
     "UpdateResult",
@@ -198,17 +199,36 @@ class NodeProcess:
 
 
 NODE_ID_ENV = "RECONCILER_NODE_ID"
+DAEMON_DIR_ENV = "RECONCILER_DAEMON_DIR"
 #: Scans for an exited agent's leftovers before giving up on one that keeps changing.
 _LEFTOVER_ROUNDS = 3
 
 
-def scan_node_processes(node_id: NodeId) -> list[NodeProcess]:
-    """Every live process started for an agent of ``node_id`` (read from /proc)."""
-    return _node_processes(node_id, procfs.scan())
+@dataclass(frozen=True, slots=True)
+class ProcessOwner:
+    """Whose agent processes these are: a node, and the state directory of the daemon
+    that runs it, both put into each agent's environment (``environment``).
+
+    The node id alone does not tell two daemons on one host apart (a trial
+    ``reconciler dev`` beside the node's daemon shares its host name); with the state
+    directory, which one daemon at a time may hold, neither takes the other's agents
+    for strays of its own.
+    """
+
+    node_id: NodeId
+    daemon_dir: str
+
+    def environment(self) -> dict[str, str]:
+        return {NODE_ID_ENV: self.node_id, DAEMON_DIR_ENV: self.daemon_dir}
 
 
-def orphaned_node_processes(node_id: NodeId, *, exclude: Set[int]) -> list[NodeProcess]:
-    """The processes of ``node_id``'s agents that this daemon inherited.
+def scan_node_processes(owner: ProcessOwner) -> list[NodeProcess]:
+    """Every live process started for an agent of ``owner`` (read from /proc)."""
+    return _node_processes(owner, procfs.scan())
+
+
+def orphaned_node_processes(owner: ProcessOwner, *, exclude: Set[int]) -> list[NodeProcess]:
+    """The processes of ``owner``'s agents that this daemon inherited.
 
     The daemon is a child subreaper: when an agent exits, the children it leaves are
     re-parented to the daemon. So an exited agent's leftovers are among the daemon's
@@ -218,17 +238,21 @@ def orphaned_node_processes(node_id: NodeId, *, exclude: Set[int]) -> list[NodeP
     """
     children = [pid for pid in procfs.children_of(os.getpid()) if pid not in exclude]
     stats = (procfs.read_stat(pid) for pid in children)
-    return _node_processes(node_id, [s for s in stats if s is not None])
+    return _node_processes(owner, [s for s in stats if s is not None])
 
 
-def _node_processes(node_id: NodeId, stats: Iterable[procfs.ProcStat]) -> list[NodeProcess]:
+def _node_processes(owner: ProcessOwner, stats: Iterable[procfs.ProcStat]) -> list[NodeProcess]:
+    marks = owner.environment()
     found = []
     for stat in stats:
-        if stat.zombie or procfs.read_environ_value(stat.pid, NODE_ID_ENV) != node_id:
+        if stat.zombie:
             continue
-        agent_id = procfs.read_environ_value(stat.pid, AGENT_ID_ENV) or ""
+        environ = procfs.read_environ(stat.pid, (*marks, AGENT_ID_ENV))
+        agent_id = environ.pop(AGENT_ID_ENV, "")
+        if environ != marks or not is_valid_agent_id(agent_id):
+            continue
         cmdline = procfs.read_cmdline(stat.pid)
-        if is_valid_agent_id(agent_id) and cmdline:
+        if cmdline:
             found.append(NodeProcess(AgentId(agent_id), stat.pid, stat.start_ticks, cmdline))
     return found
 
@@ -239,7 +263,7 @@ class Controller:
     def __init__(
         self,
         *,
-        node_id: NodeId,
+        owner: ProcessOwner,
         store: StateStore,
         supervisor: Supervisor,
         commands: CommandResolver,
@@ -250,11 +274,12 @@ class Controller:
         config_dir: Path,
         tracker: ResourceTracker | None = None,
         workers: int = 4,
-        scan: Callable[[NodeId], Sequence[NodeProcess]] = scan_node_processes,
+        scan: Callable[[ProcessOwner], Sequence[NodeProcess]] = scan_node_processes,
         orphans: Callable[..., Sequence[NodeProcess]] = orphaned_node_processes,
         boot_id: str | None = None,
     ) -> None:
-        self.node_id = node_id
+        self.owner = owner
+        self.node_id = owner.node_id
         self._boot_id = procfs.boot_id() if boot_id is None else boot_id
         self._store = store
         self._supervisor = supervisor
@@ -938,14 +963,14 @@ class Controller:
 
         An agent that forks and exits leaves its children behind: in its old session,
         in sessions of their own, and (after a daemon restart) parented by init, where
-        no stop of a later instance looks. They still carry the node's and the agent's
-        ids in their environment, so they are found in /proc and stopped here, and a new
-        instance never runs beside its predecessor's remains. While the daemon runs, they
-        are its own children (it is their subreaper), so only those are read: a few
-        reads on the loop, and only when an agent starts again after an exit. What an
-        agent left while the daemon was away is stopped by the full scan at start; an
-        adopted agent (``everywhere``) was spawned by an earlier daemon, so its children
-        went to init and the whole of /proc is scanned, off the loop.
+        no stop of a later instance looks. They still carry the agent's id and the
+        ``owner`` marks in their environment, so they are found in /proc and stopped
+        here, and a new instance never runs beside its predecessor's remains. While the
+        daemon runs, they are its own children (it is their subreaper), so only those
+        are read: a few reads on the loop, and only when an agent starts again after an
+        exit. What an agent left while the daemon was away is stopped by the full scan
+        at start; an adopted agent (``everywhere``) was spawned by an earlier daemon, so
+        its children went to init and the whole of /proc is scanned, off the loop.
 
         A leftover may exec while it is being found (its command line then no longer
         matches the scan, and adoption refuses it), so the scan repeats until it finds
@@ -955,10 +980,10 @@ class Controller:
         for _ in range(_LEFTOVER_ROUNDS):
             live = {handle.pid for handle in self._handles.values()}
             if everywhere:
-                every = await asyncio.to_thread(self._scan, self.node_id)
+                every = await asyncio.to_thread(self._scan, self.owner)
                 candidates = [p for p in every if p.pid not in live]
             else:
-                candidates = list(self._orphans(self.node_id, exclude=live))
+                candidates = list(self._orphans(self.owner, exclude=live))
             found = [p for p in candidates if p.agent_id == agent_id]
             if not found:
                 return
@@ -987,7 +1012,7 @@ class Controller:
         env["RECONCILER_AGENT_ID"] = spec.id
         env["RECONCILER_AGENT_TOKEN"] = token
         env["RECONCILER_AGENT_VERSION"] = spec.version
-        env[NODE_ID_ENV] = self.node_id
+        env.update(self.owner.environment())
         if spec.heartbeat is not None:
             env["RECONCILER_HEARTBEAT_INTERVAL_S"] = repr(spec.heartbeat.interval_s)
         if spec.config:
@@ -1154,11 +1179,12 @@ class Controller:
 
         A daemon killed between spawning an agent and saving its pid leaves a process
         that adoption cannot know; starting the agent again would run it twice. Such a
-        process still carries this node's id and its agent's id in its environment, so
-        it is found in /proc and stopped before any worker starts an agent. Processes
+        process still carries its agent's id and this daemon's ``owner`` marks (node id
+        and state directory) in its environment, so it is found in /proc and stopped
+        before any worker starts an agent; another daemon's agents never are. Processes
         of adopted agents (their children and helpers carry the same ids) are left alone.
         """
-        found = await asyncio.to_thread(self._scan, self.node_id)
+        found = await asyncio.to_thread(self._scan, self.owner)
         strays = []
         for process in found:
             if process.agent_id in self._handles:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "cmdline_matches",
     "descendants",
     "read_cmdline",
+    "read_environ",
     "read_environ_value",
     "read_start_ticks",
     "read_stat",
@@ -129,16 +130,25 @@ def read_cmdline(pid: int) -> tuple[str, ...] | None:
 
 def read_environ_value(pid: int, name: str) -> str | None:
     """The value ``name`` had in ``pid``'s environment at exec, or ``None``."""
-    prefix = os.fsencode(name) + b"="
+    return read_environ(pid, (name,)).get(name)
+
+
+def read_environ(pid: int, names: Collection[str]) -> dict[str, str]:
+    """The values the ``names`` that were set had in ``pid``'s environment at exec
+    (one read of /proc/PID/environ; {} when it cannot be read)."""
+    prefixes = {os.fsencode(name) + b"=": name for name in names}
     try:
         with open(f"{_PROC}/{pid}/environ", "rb") as handle:
             raw = handle.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
+        return {}
+    found: dict[str, str] = {}
     for entry in raw.split(b"\x00"):
-        if entry.startswith(prefix):
-            return os.fsdecode(entry[len(prefix) :])
-    return None
+        prefix, equals, _ = entry.partition(b"=")
+        name = prefixes.get(prefix + equals)
+        if name is not None and name not in found:
+            found[name] = os.fsdecode(entry[len(prefix) + 1 :])
+    return found
 
 
 def cmdline_matches(recorded: Sequence[str], actual: Sequence[str] | None) -> bool:

@@ -14,6 +14,9 @@ after any crash sees the whole old file or the whole new one::
                       good under its restart policy (so a restart does not run it again)
     operations.json   the last 1,024 OperateAgent operation ids and their results
 
+and ``daemon.lock``, which the running daemon holds (``StateDirLock``): one daemon per
+state directory.
+
 Every file is ``{"schema_version": 1, "kind": ..., "checksum": "sha256:...", "body": ...}``
 with the checksum taken over the canonical JSON of ``body``. A file that is truncated,
 fails its checksum, has an unknown schema version, does not decode, is not a regular
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -104,6 +108,8 @@ __all__ = [
     "OverrideEntry",
     "Patches",
     "ProcessEntry",
+    "StateDirInUse",
+    "StateDirLock",
     "StateStore",
     "StoreError",
     "StoreWriteFailed",
@@ -128,6 +134,7 @@ PATCHES_FILE: Final = "patches.json"
 PROCESSES_FILE: Final = "processes.json"
 FINISHED_FILE: Final = "finished.json"
 OPERATIONS_FILE: Final = "operations.json"
+LOCK_FILE: Final = "daemon.lock"
 MAX_OPERATIONS: Final = 1024
 
 _MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -146,6 +153,7 @@ T = TypeVar("T")
 #   └── StoreError                 the state directory cannot be used
 #       ├── UnsafeStateDir         a symlink, not a directory, someone else's, or
 #       │                          writable by group/others (permanent: fix the dir)
+#       ├── StateDirInUse          another daemon holds it
 #       └── StoreWriteFailed       a write failed (disk full, EIO); also Unavailable,
 #                                  so it maps to UNAVAILABLE and may be retried
 # ---------------------------------------------------------------------------------------
@@ -157,6 +165,10 @@ class StoreError(ReconcilerError):
 
 class UnsafeStateDir(StoreError):
     """The state directory is a symlink, not ours, or writable by others."""
+
+
+class StateDirInUse(StoreError):
+    """Another running daemon holds the state directory."""
 
 
 class StoreWriteFailed(StoreError, Unavailable):
@@ -547,6 +559,53 @@ def _check_dir_safe(path: Path, info: os.stat_result) -> None:
             f"state directory {path} is writable by group or others "
             f"(mode {stat.S_IMODE(info.st_mode):04o}); run chmod 0700 {path}"
         )
+
+
+class StateDirLock:
+    """An exclusive ``flock`` on ``<state_dir>/daemon.lock``, held while a daemon runs.
+
+    Two daemons on one state directory would each adopt, start and stop the same
+    agents and overwrite each other's files, so the second one refuses to start,
+    naming the first one's pid (written into the file). The kernel drops the lock
+    when its holder dies, however it dies, so a lock is never stale and nothing needs
+    cleaning after a crash. The descriptor is close-on-exec and agents are spawned
+    with every other descriptor closed, so no agent, even one that outlives the
+    daemon, holds the lock.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self._fd: int | None = None
+        path = ensure_state_dir(state_dir) / LOCK_FILE
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot open the lock file: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise StateDirInUse(
+                f"state directory {state_dir} is in use by another daemon{who}; "
+                "a second daemon on this host needs a state_dir of its own"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"{path}: cannot lock it: {exc.strerror}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let another daemon take the directory (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def write_durably(path: Path, data: bytes, *, failpoint_prefix: str, sync: bool = True) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from reconciler.api.agent.v1 import agent_pb2
@@ -191,6 +193,65 @@ def test_a_daemon_told_to_stop_its_agents_on_exit_leaves_none_running(tmp_path: 
         assert "AgentExited" not in log
     finally:
         daemon.close()
+
+
+def run_daemon_to_exit(daemon: DaemonProcess) -> subprocess.CompletedProcess[str]:
+    daemon.write_config()
+    argv = [sys.executable, "-m", "reconciler", "daemon", "--config", str(daemon.config_path)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_second_daemon_on_a_state_directory_or_socket_in_use_refuses_and_disturbs_nothing(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    daemon.sync(1, [spec("steady")])
+    pid = wait_for(lambda: daemon.running().get("steady"), what="steady running")
+    shared_dir = DaemonProcess(
+        tmp_path / "same-dir", node_id=daemon.node_id, settings={"state_dir": str(daemon.state_dir)}
+    )
+    refused = run_daemon_to_exit(shared_dir)
+    assert refused.returncode == 1
+    assert (
+        f"state directory {daemon.state_dir} is in use by another daemon "
+        f"(pid {daemon.proc.pid if daemon.proc else 0})" in refused.stderr
+    )
+    shared_socket = DaemonProcess(
+        tmp_path / "same-socket",
+        node_id=daemon.node_id,
+        settings={"heartbeat": {"socket_path": str(daemon.socket_path)}},
+    )
+    refused = run_daemon_to_exit(shared_socket)
+    assert refused.returncode == 1
+    assert f"{daemon.socket_path} is served by another process" in refused.stderr
+    assert daemon.socket_path.is_socket(), "the running daemon's socket is left in place"
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(daemon.socket_path))
+    assert list((shared_socket.state_dir).iterdir()) == [shared_socket.state_dir / "daemon.lock"]
+    assert daemon.running() == {"steady": pid}
+    assert (daemon.state_dir / "processes.json").exists()
+
+
+def test_two_daemons_of_one_node_on_one_host_never_touch_each_others_agents(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    daemon.sync(1, [spec("steady"), spec("other")])
+    wait_for(lambda: len(daemon.running()) == 2, what="both running")
+    before = daemon.running()
+    trial = DaemonProcess(tmp_path / "trial", node_id=daemon.node_id)  # e.g. a trial run
+    try:
+        trial.start()
+        trial.sync(1, [spec("steady")])
+        theirs = wait_for(lambda: trial.running().get("steady"), what="the trial's steady")
+        assert theirs not in before.values()
+        trial.kill()  # its agents live on, to be adopted by the next trial daemon
+        trial.start()
+        assert trial.running() == {"steady": theirs}
+        trial.sync(2, [])
+        wait_for(lambda: not trial.running(), what="the trial's steady stopped")
+        assert daemon.running() == before, "the node's daemon lost none of its agents"
+        assert all(psutil.pid_exists(pid) for pid in before.values())
+    finally:
+        trial.kill()
 
 
 def test_a_killed_daemon_adopts_its_agents_and_restarts_only_the_dead(

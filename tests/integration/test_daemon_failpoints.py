@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from reconciler.api.agent.v1 import agent_pb2
-from reconciler.daemon.controller import scan_node_processes
+from reconciler.daemon.controller import ProcessOwner, scan_node_processes
 from reconciler.model import AgentId, NodeId
 from tests.support.daemon import DaemonProcess, kill_node_processes, spec, wait_for
 
@@ -123,21 +123,27 @@ def test_a_daemon_killed_between_spawn_and_record_does_not_run_the_agent_twice(
     assert daemon.running()["only"] != orphans[0].pid
 
 
-def test_node_processes_are_found_by_the_node_and_agent_ids_in_their_environment(
+def test_node_processes_are_found_by_the_owner_marks_in_their_environment(
     tmp_path: Path,
 ) -> None:
     node_id = f"scan-{os.getpid()}"
-    env = {"PATH": "/bin:/usr/bin", "RECONCILER_NODE_ID": node_id, "RECONCILER_AGENT_ID": "a1"}
-    other = {**env, "RECONCILER_NODE_ID": f"{node_id}-other"}
+    owner = ProcessOwner(NodeId(node_id), str(tmp_path / "state"))
+    env = {"PATH": "/bin:/usr/bin", **owner.environment(), "RECONCILER_AGENT_ID": "a1"}
+    other_node = {**env, "RECONCILER_NODE_ID": f"{node_id}-other"}
+    other_daemon = {**env, "RECONCILER_DAEMON_DIR": str(tmp_path / "dev-state")}
+    no_dir = {k: v for k, v in env.items() if k != "RECONCILER_DAEMON_DIR"}
     mine = subprocess.Popen(["/bin/sleep", "60"], env=env)
-    theirs = subprocess.Popen(["/bin/sleep", "60"], env=other)
+    theirs = [
+        subprocess.Popen(["/bin/sleep", "60"], env=environ)
+        for environ in (other_node, other_daemon, no_dir)
+    ]
     try:
-        found = wait_for(lambda: scan_node_processes(NodeId(node_id)), what="the process")
+        found = wait_for(lambda: scan_node_processes(owner), what="the process")
         assert [(p.agent_id, p.pid, p.cmdline) for p in found] == [
             (AgentId("a1"), mine.pid, ("/bin/sleep", "60"))
         ]
     finally:
-        for child in (mine, theirs):
+        for child in (mine, *theirs):
             child.kill()
             child.wait()
         kill_node_processes(node_id)

@@ -286,6 +286,18 @@ async def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
     await receiver.stop()
 
 
+async def test_a_socket_another_receiver_serves_is_never_taken_over(harness: Harness) -> None:
+    second = harness.new_receiver()
+    with pytest.raises(SocketPathError, match="is served by another process"):
+        await second.start()
+    await second.stop()
+    harness.directory.agents["a"] = AgentIdentity(os.getpid(), "")
+    _, writer = await harness.connect()
+    writer.write(heartbeat_line("a"))
+    await wait_until(lambda: len(harness.sink.records) == 1, what="the first one's heartbeat")
+    writer.close()
+
+
 async def test_a_regular_file_at_the_socket_path_is_never_removed(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     h.path.parent.mkdir(mode=0o700)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from reconciler.daemon.clock import FakeClock
-from reconciler.daemon.controller import Controller, NodeProcess, UpdateOutcome
+from reconciler.daemon.controller import Controller, NodeProcess, ProcessOwner, UpdateOutcome
 from reconciler.daemon.events import EventLog
 from reconciler.daemon.store import MemoryStore, ProcessEntry
 from reconciler.daemon.supervisor import FakeSupervisor, ProcessHandle
@@ -80,13 +80,13 @@ class Verbatim:
 
 def survivors_of(
     supervisor: FakeSupervisor, foreign: set[int]
-) -> Callable[[NodeId], list[NodeProcess]]:
+) -> Callable[[ProcessOwner], list[NodeProcess]]:
     """A node-process scanner over the processes a previous daemon left running.
 
     Pids in ``foreign`` are other programs' processes: they carry no agent environment.
     """
 
-    def scan(node_id: NodeId) -> list[NodeProcess]:
+    def scan(owner: ProcessOwner) -> list[NodeProcess]:
         return [
             NodeProcess(h.agent_id, pid=h.pid, start_ticks=h.start_ticks, cmdline=h.cmdline)
             for h in supervisor.survivors.values()
@@ -117,7 +117,7 @@ class Node:
         self.supervisor = supervisor
         self.events = EventLog(node_id=NODE, wall=self.clock.wall)
         self.controller = Controller(
-            node_id=NODE,
+            owner=ProcessOwner(NODE, "/var/lib/reconciler"),
             store=self.store,
             supervisor=supervisor,
             commands=Verbatim(),

@@ -30,6 +30,8 @@ from reconciler.daemon.store import (
     OverrideEntry,
     Patches,
     ProcessEntry,
+    StateDirInUse,
+    StateDirLock,
     StateStore,
     UnsafeStateDir,
     check_generation,
@@ -670,3 +672,17 @@ def test_the_memory_store_keeps_the_same_generation_rule() -> None:
         fake.save(state_of(2))
     assert fake.current.generation == 3
     assert PROCESSES_FILE  # the file names are public for operators' tooling
+
+
+def test_one_daemon_at_a_time_holds_a_state_directory(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    first = StateDirLock(state_dir)
+    assert (state_dir / "daemon.lock").read_text() == f"{os.getpid()}\n"
+    assert stat.S_IMODE((state_dir / "daemon.lock").stat().st_mode) == 0o600
+    with pytest.raises(StateDirInUse, match=rf"in use by another daemon \(pid {os.getpid()}\)"):
+        StateDirLock(state_dir)
+    first.release()
+    first.release()
+    second = StateDirLock(state_dir)  # released: the next daemon takes it
+    del second
+    StateDirLock(state_dir).release()  # dropped with its holder, as at a process's death

@@ -3,7 +3,8 @@
 What: ``UnixHeartbeatReceiver`` listens on a path socket (never abstract) in a
 private directory (created 0700 when missing; the socket itself is 0660, set before
 ``listen`` so no one connects to it earlier). A stale socket is removed at start and
-ours is removed at stop; anything else at the path is an error, never deleted. Each
+ours is removed at stop; a socket another process serves, or anything that is not a
+socket, is an error and never deleted (``reconciler.daemon.unixsocket``). Each
 connection is an ``asyncio.Protocol`` (about six times cheaper than a StreamReader)
 that splits lines itself: at most ``max_frame_bytes`` per line including the newline,
 counted while still buffered, so a line without an end is refused once it is too
@@ -22,11 +23,9 @@ rules (``codec``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
-import stat
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Final
 
 import msgspec
 
+from reconciler.daemon import unixsocket
 from reconciler.daemon.clock import Clock, SystemClock
 from reconciler.daemon.heartbeat.codec import HeartbeatError, decode_heartbeat
 from reconciler.daemon.heartbeat.contract import (
@@ -46,16 +46,13 @@ from reconciler.daemon.heartbeat.contract import (
 )
 from reconciler.daemon.heartbeat.identity import PeerChecker, peer_credentials, tokens_match
 from reconciler.daemon.heartbeat.stats import HeartbeatStats, TransportCounters
+from reconciler.daemon.unixsocket import SocketPathError
 
 __all__ = ["SocketPathError", "UnixHeartbeatReceiver", "UnixReceiverConfig", "error_line"]
 
 _log = logging.getLogger(__name__)
 _SOCKET_MODE: Final = 0o660
 _DIR_MODE: Final = 0o700
-
-
-class SocketPathError(RuntimeError):
-    """The socket path is unusable (something that is not a socket is in the way)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +100,7 @@ class UnixHeartbeatReceiver:
         self.connections: set[_Connection] = set()
         self.budget = _TurnBudget(config.lines_per_turn)
         self._server: asyncio.AbstractServer | None = None
-        self._inode: tuple[int, int] | None = None
+        self._identity: unixsocket.Identity | None = None
 
     @property
     def path(self) -> Path:
@@ -115,8 +112,7 @@ class UnixHeartbeatReceiver:
         if self._server is not None:
             raise RuntimeError("the Unix heartbeat receiver is already started")
         sock = _bind(self.path)
-        info = os.stat(self.path)
-        self._inode = (info.st_dev, info.st_ino)
+        self._identity = unixsocket.identity(self.path)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(
             lambda: _Connection(self), sock=sock, backlog=self.config.backlog
@@ -135,17 +131,14 @@ class UnixHeartbeatReceiver:
         self._remove_own_socket()
 
     def _remove_own_socket(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            info = os.lstat(self.path)
-            if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self._inode:
-                self.path.unlink()
-        self._inode = None
+        unixsocket.remove_own(self.path, self._identity)
+        self._identity = None
 
 
 def _bind(path: Path) -> socket.socket:
     """A bound (not yet listening) socket at ``path`` with mode 0660."""
     _prepare_directory(path.parent)
-    _remove_stale_socket(path)
+    unixsocket.claim(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(os.fspath(path))
@@ -166,16 +159,6 @@ def _prepare_directory(directory: Path) -> None:
             "heartbeat socket directory is world-writable; use a private directory",
             extra={"path": str(directory)},
         )
-
-
-def _remove_stale_socket(path: Path) -> None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
-    path.unlink()
 
 
 class _TurnBudget:
