@@ -278,11 +278,7 @@ async def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
     stale.close()
     receiver = h.new_receiver()
     await receiver.start()
-    h.directory.agents["a"] = AgentIdentity(os.getpid(), "")
-    _, writer = await h.connect()
-    writer.write(heartbeat_line("a"))
-    await wait_until(lambda: len(h.sink.records) == 1, what="the heartbeat")
-    writer.close()
+    await one_heartbeat_arrives(h)
     await receiver.stop()
 
 
@@ -291,10 +287,14 @@ async def test_a_socket_another_receiver_serves_is_never_taken_over(harness: Har
     with pytest.raises(SocketPathError, match="is served by another process"):
         await second.start()
     await second.stop()
-    harness.directory.agents["a"] = AgentIdentity(os.getpid(), "")
-    _, writer = await harness.connect()
+    await one_heartbeat_arrives(harness)  # the first receiver still has its socket
+
+
+async def one_heartbeat_arrives(h: Harness) -> None:
+    h.directory.agents["a"] = AgentIdentity(os.getpid(), "")
+    _, writer = await h.connect()
     writer.write(heartbeat_line("a"))
-    await wait_until(lambda: len(harness.sink.records) == 1, what="the first one's heartbeat")
+    await wait_until(lambda: len(h.sink.records) == 1, what="the heartbeat")
     writer.close()
 
 
