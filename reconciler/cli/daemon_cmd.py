@@ -13,6 +13,7 @@ import click
 
 from reconciler.cli.options import set_option
 from reconciler.config import DaemonSettings, load_daemon_settings
+from reconciler.lifecycle import loads, restart_in_place
 from reconciler.logs import setup_logging
 
 __all__ = ["daemon", "daemon_overrides"]
@@ -50,14 +51,21 @@ def daemon(
     It serves DaemonService on grpc.listen, receives agent heartbeats on
     heartbeat.socket_path and heartbeat.http_listen, and, when manager.address is
     set, registers with the Manager and follows its desired state. SIGTERM or SIGINT
-    stops it; agents keep running and are adopted when it starts again.
+    stops it; agents keep running and are adopted when it starts again. SIGHUP
+    restarts it in place (same pid) with its settings read again, once they load;
+    agents keep running.
     """
     from reconciler.daemon.app import run_daemon
 
     overrides = daemon_overrides(sets, node_id=node_id, state_dir=state_dir)
     settings = load_daemon_settings(config_file, overrides=overrides)
     apply_logging(ctx, settings)
-    asyncio.run(run_daemon(settings))
+
+    def reload() -> str:
+        return loads(lambda: load_daemon_settings(config_file, overrides=overrides))
+
+    if asyncio.run(run_daemon(settings, reload=reload)):
+        restart_in_place()
 
 
 def apply_logging(ctx: click.Context, settings: DaemonSettings) -> None:

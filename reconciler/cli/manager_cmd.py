@@ -11,6 +11,7 @@ import click
 
 from reconciler.cli.options import set_option
 from reconciler.config import ManagerSettings, load_manager_settings
+from reconciler.lifecycle import loads, restart_in_place
 from reconciler.logs import setup_logging
 
 __all__ = ["manager"]
@@ -31,13 +32,19 @@ def manager(ctx: click.Context, config_file: str | None, sets: tuple[str, ...]) 
 
     It serves ManagerService (for daemons) and FleetService (for this CLI) on
     grpc.listen and Prometheus metrics on metrics.listen, keeping its state in SQLite
-    under state_dir or in PostgreSQL. SIGTERM or SIGINT stops it gracefully.
+    under state_dir or in PostgreSQL. SIGTERM or SIGINT stops it gracefully; SIGHUP
+    restarts it in place (same pid) with its settings read again, once they load.
     """
     from reconciler.manager.app import run_manager
 
     settings = load_manager_settings(config_file, overrides=sets)
     _apply_logging(ctx, settings)
-    asyncio.run(run_manager(settings))
+
+    def reload() -> str:
+        return loads(lambda: load_manager_settings(config_file, overrides=sets))
+
+    if asyncio.run(run_manager(settings, reload=reload)):
+        restart_in_place()
 
 
 def _apply_logging(ctx: click.Context, settings: ManagerSettings) -> None:

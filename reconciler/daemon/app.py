@@ -11,7 +11,9 @@ channel, and ``/metrics`` on ``metrics.listen`` (``reconciler.daemon.metrics``).
 and, by default, leaves the agents running so a restarted daemon adopts them.
 
 ``run_daemon`` is what ``reconciler daemon`` calls: it starts the app and waits for
-SIGTERM or SIGINT.
+SIGTERM or SIGINT, or for a SIGHUP whose settings load, after which the command
+restarts in place (``reconciler.lifecycle``) and the agents, left running whatever
+``stop_agents_on_exit`` says, are adopted by the next image of the same process.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ class DaemonApp:
         self.http_receiver: HttpHeartbeatReceiver | None = None
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
+        self._restarting = False
         self._grpc_port = 0
         self._grpc_socket: unixsocket.Identity | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -207,6 +210,11 @@ class DaemonApp:
             except Exception:
                 log.exception("error while stopping")
         self.state_lock.release()
+
+    def keep_agents_running(self) -> None:
+        """The coming ``stop`` is for a restart in place: leave the agents running even
+        with ``agents.stop_agents_on_exit`` (the next image adopts them)."""
+        self._restarting = True
 
     @property
     def addresses(self) -> Addresses:
@@ -374,7 +382,8 @@ class DaemonApp:
             unixsocket.remove_own(self.settings.grpc.unix_socket, self._grpc_socket)
 
     async def _stop_controller(self) -> None:
-        await self.controller.stop(stop_agents=self.settings.agents.stop_agents_on_exit)
+        stop_agents = self.settings.agents.stop_agents_on_exit and not self._restarting
+        await self.controller.stop(stop_agents=stop_agents)
 
     async def _rotate_logs(self) -> None:
         while True:
@@ -417,7 +426,15 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run_daemon(settings: DaemonSettings, *, allow_any_command: bool = False) -> None:
-    """Run a daemon until SIGTERM or SIGINT."""
+async def run_daemon(
+    settings: DaemonSettings,
+    *,
+    allow_any_command: bool = False,
+    reload: Callable[[], str] | None = None,
+) -> bool:
+    """Run a daemon until SIGTERM or SIGINT (False), or a SIGHUP after which ``reload``
+    finds the settings loadable (True: the caller restarts the process in place)."""
     app = DaemonApp(settings, allow_any_command=allow_any_command)
-    await run_until_signalled(app, name="daemon")
+    return await run_until_signalled(
+        app, name="daemon", reload=reload, before_restart=app.keep_agents_running
+    )

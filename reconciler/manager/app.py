@@ -349,7 +349,10 @@ class ManagerApp:
             raise PermissionDenied(f"cannot dial node {node_id} at {address}: {error}") from None
 
 
-async def run_manager(settings: ManagerSettings) -> None:
-    """Run a Manager until SIGTERM or SIGINT."""
+async def run_manager(
+    settings: ManagerSettings, *, reload: Callable[[], str] | None = None
+) -> bool:
+    """Run a Manager until SIGTERM or SIGINT (False), or a SIGHUP after which ``reload``
+    finds the settings loadable (True: the caller restarts the process in place)."""
     app = ManagerApp(settings)
-    await run_until_signalled(app, name="manager")
+    return await run_until_signalled(app, name="manager", reload=reload)

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from reconciler.api.agent.v1 import agent_pb2
+from reconciler.api.daemon.v1 import daemon_pb2
 from tests.support.daemon import DaemonProcess, spec, wait_for
 
 pytestmark = pytest.mark.slow
@@ -252,6 +253,46 @@ def test_two_daemons_of_one_node_on_one_host_never_touch_each_others_agents(
         assert all(psutil.pid_exists(pid) for pid in before.values())
     finally:
         trial.kill()
+
+
+def test_sighup_restarts_the_daemon_in_place_with_its_settings_read_again(
+    tmp_path: Path,
+) -> None:
+    daemon = DaemonProcess(
+        tmp_path / "daemon",
+        settings={"agents": {"stop_agents_on_exit": True}, "backoff": {"max_s": 30.0}},
+    )
+
+    def max_backoff() -> float | None:
+        with daemon.channel() as channel:
+            try:
+                answer = daemon.stub(channel).GetConfig(daemon_pb2.GetConfigRequest(), timeout=2)
+            except grpc.RpcError:
+                return None  # between the two images of the process
+        return float(json.loads(answer.settings_json)["backoff"]["max_s"])
+
+    try:
+        daemon.start()
+        assert daemon.proc is not None
+        daemon.sync(1, [spec("steady")])
+        pid = wait_for(lambda: daemon.running().get("steady"), what="steady running")
+        good = daemon.config_path.read_text()
+        daemon.config_path.write_text(good + "bogus: 1\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: not restarting" in daemon.log_text(), what="the refusal")
+        assert "bogus: unknown setting" in daemon.log_text()
+        assert (max_backoff(), daemon.running()) == (30.0, {"steady": pid})
+
+        daemon.settings["backoff"]["max_s"] = 45.0
+        daemon.write_config()
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: max_backoff() == 45.0, what="the new settings")
+        assert daemon.proc.poll() is None, "the same process, restarted in place"
+        assert daemon.running() == {"steady": pid}, "the agent kept running and was adopted"
+        assert psutil.Process(pid).ppid() == daemon.proc.pid, "still the daemon's child"
+        assert (daemon.root / "daemon.log").read_text().count("daemon ready") == 2
+    finally:
+        daemon.close()
 
 
 def test_a_killed_daemon_adopts_its_agents_and_restarts_only_the_dead(

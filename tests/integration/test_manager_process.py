@@ -12,6 +12,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from reconciler.api.fleet.v1 import fleet_pb2, fleet_pb2_grpc
 from reconciler.api.manager.v1 import manager_pb2, manager_pb2_grpc
 
 READY = re.compile(rb"manager ready grpc=(\S+) metrics=(\S+)")
@@ -57,6 +58,53 @@ async def test_the_manager_process_serves_and_stops_on_sigterm(tmp_path: Path) -
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
         assert (tmp_path / "state" / "manager.db").exists()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sighup_restarts_the_manager_in_place_once_its_settings_load(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "manager.yaml"
+    good = (
+        f"state_dir: {tmp_path / 'state'}\n"
+        'grpc: {listen: "127.0.0.1:0"}\n'
+        'metrics: {listen: "127.0.0.1:0"}\n'
+        "logging: {level: info}\n"
+    )
+    config.write_text(good)
+    argv = [sys.executable, "-m", "reconciler", "manager", "--config", str(config)]
+    process = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+
+    async def line_with(pattern: re.Pattern[bytes]) -> re.Match[bytes]:
+        assert process.stderr is not None
+        while True:
+            line = await asyncio.wait_for(process.stderr.readline(), 30)
+            assert line, "the manager exited"
+            if found := pattern.search(line):
+                return found
+
+    try:
+        first = (await line_with(READY)).group(1).decode()
+        async with grpc.aio.insecure_channel(first) as channel:
+            nodes = manager_pb2_grpc.ManagerServiceStub(channel)
+            await nodes.RegisterNode(manager_pb2.RegisterNodeRequest(node_id="n1"), timeout=10)
+        config.write_text(good + "grpc: {listen: nowhere}\n")
+        process.send_signal(signal.SIGHUP)
+        await line_with(re.compile(rb"SIGHUP: not restarting, the running settings stay: .*grpc"))
+        config.write_text(good)
+        process.send_signal(signal.SIGHUP)
+        second = (await line_with(READY)).group(1).decode()
+        assert process.returncode is None, "the same process, restarted in place"
+        async with grpc.aio.insecure_channel(second) as channel:
+            fleet = fleet_pb2_grpc.FleetServiceStub(channel)
+            listed = await fleet.ListNodes(fleet_pb2.ListNodesRequest(), timeout=10)
+            assert [node.node_id for node in listed.nodes] == ["n1"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
         if process.returncode is None:
             process.kill()
