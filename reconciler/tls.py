@@ -297,7 +297,8 @@ def _require_loopback(address: str, *, what: str) -> None:
     try:
         host, _ = parse_host_port(address)
     except ValueError as exc:
-        raise ConfigError(str(exc), origin=what) from None
+        hint = f"; a Unix socket is written unix:{address}" if address.startswith("/") else ""
+        raise ConfigError(f"{exc}{hint}", origin=what) from None
     if not is_loopback_host(host):
         problem = f"{host} is not a loopback address; tls.mode insecure is for loopback only"
         raise ConfigError(problem, origin=what)

@@ -331,6 +331,11 @@ def test_an_insecure_channel_elsewhere_is_refused(address: str) -> None:
         insecure_loopback_channel(address)
 
 
+def test_a_socket_path_without_its_scheme_is_refused_saying_how_to_write_it() -> None:
+    with pytest.raises(ConfigError, match=r"a Unix socket is written unix:/run/d\.sock"):
+        insecure_loopback_channel("/run/d.sock")
+
+
 async def test_an_insecure_server_will_not_listen_beyond_loopback() -> None:
     server = grpc.aio.server()
     with pytest.raises(ConfigError, match=r"grpc\.listen: 0\.0\.0\.0 is not a loopback"):
