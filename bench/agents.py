@@ -6,7 +6,10 @@ agent, one after the other in this run, every agent ``/bin/sleep 3600``:
 
 - bring-up: from the start request (the daemon's SyncAgentStates call; supervisord's
   ``startAllProcesses(wait=False)`` XML-RPC call, its fastest way) until every agent
-  process exists and has exec'd, seen by scanning /proc in this process;
+  process exists and has exec'd, seen by scanning /proc in this process; each side
+  (and the floor) brings its agents up ``Scale.start_runs`` times from scratch, and
+  the figure is the median (one bring-up of ~0.1 s moves by tens of percent on a
+  shared machine);
 - restart latency: SIGKILL an agent until its new process exists (same scan), one
   kill at a time after a short random pause, so no restart overlaps another (an
   overlapping kill's pipe event would wake supervisord's loop early and flatter it);
@@ -59,15 +62,25 @@ class Scale:
     agents: int
     kills: int
     idle_s: float
+    start_runs: int
+    """Bring-ups from scratch per side; the start figures are their medians."""
 
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    up_s: float
-    api_ready_s: float
+    ups_s: Sequence[float]
+    api_readies_s: Sequence[float]
     restarts_s: Sequence[float]
     idle_cpu_percent: float
     idle_rss_bytes: int
+
+    @property
+    def up_s(self) -> float:
+        return statistics.median(self.ups_s)
+
+    @property
+    def api_ready_s(self) -> float:
+        return statistics.median(self.api_readies_s)
 
     @property
     def restart_median_s(self) -> float:
@@ -131,46 +144,66 @@ def _idle(pid: int, idle_s: float) -> tuple[float, int]:
 
 
 def _measure_daemon(root: Path, scale: Scale) -> Measured:
-    daemon = Daemon(root)
-    try:
-        daemon.start()
-        watcher = ChildWatcher(daemon.pid, DAEMON_MARKER)
-        specs = [sleep_spec(name, COMMAND) for name in _names(scale.agents)]
-        requested = time.perf_counter()
-        daemon.sync(specs)
-        up = _wait_for_children(watcher, scale.agents, timeout_s=300)
-        ready = _wait_until(daemon.all_running, timeout_s=120, interval_s=0.05)
-        restarts = _restarts(watcher, scale)
-        _wait_until(daemon.all_running, timeout_s=120, interval_s=0.2)
-        cpu, rss = _idle(daemon.pid, scale.idle_s)
-        return Measured(up - requested, ready - requested, restarts, cpu, rss)
-    finally:
-        daemon.close()
+    ups: list[float] = []
+    readies: list[float] = []
+    restarts: list[float] = []
+    cpu, rss = 0.0, 0
+    for run in range(scale.start_runs):
+        daemon = Daemon(root / f"run-{run}")
+        try:
+            daemon.start()
+            watcher = ChildWatcher(daemon.pid, DAEMON_MARKER)
+            specs = [sleep_spec(name, COMMAND) for name in _names(scale.agents)]
+            requested = time.perf_counter()
+            daemon.sync(specs)
+            ups.append(_wait_for_children(watcher, scale.agents, timeout_s=300) - requested)
+            ready = _wait_until(daemon.all_running, timeout_s=120, interval_s=0.05)
+            readies.append(ready - requested)
+            if run < scale.start_runs - 1:
+                continue
+            restarts = _restarts(watcher, scale)
+            _wait_until(daemon.all_running, timeout_s=120, interval_s=0.2)
+            cpu, rss = _idle(daemon.pid, scale.idle_s)
+        finally:
+            daemon.close()
+    return Measured(ups, readies, restarts, cpu, rss)
 
 
 def _measure_supervisord(root: Path, scale: Scale) -> Measured:
-    supervisord = Supervisord(root, [(name, COMMAND) for name in _names(scale.agents)])
-    try:
-        supervisord.start()
-        watcher = ChildWatcher(supervisord.pid, SUPERVISOR_MARKER)
-        requested = time.perf_counter()
-        supervisord.start_all()
-        up = _wait_for_children(watcher, scale.agents, timeout_s=300)
+    ups: list[float] = []
+    readies: list[float] = []
+    restarts: list[float] = []
+    cpu, rss = 0.0, 0
+    for run in range(scale.start_runs):
+        programs = [(name, COMMAND) for name in _names(scale.agents)]
+        supervisord = Supervisord(root / f"run-{run}", programs)
+        try:
+            supervisord.start()
+            watcher = ChildWatcher(supervisord.pid, SUPERVISOR_MARKER)
+            requested = time.perf_counter()
+            supervisord.start_all()
+            ups.append(_wait_for_children(watcher, scale.agents, timeout_s=300) - requested)
 
-        def all_running() -> bool:
-            return all(state == "RUNNING" for state in supervisord.states().values())
+            def all_running(supervisord: Supervisord = supervisord) -> bool:
+                return all(state == "RUNNING" for state in supervisord.states().values())
 
-        ready = _wait_until(all_running, timeout_s=120, interval_s=0.05)
-        restarts = _restarts(watcher, scale)
-        _wait_until(all_running, timeout_s=120, interval_s=0.2)
-        cpu, rss = _idle(supervisord.pid, scale.idle_s)
-        return Measured(up - requested, ready - requested, restarts, cpu, rss)
-    finally:
-        supervisord.close()
+            readies.append(_wait_until(all_running, timeout_s=120, interval_s=0.05) - requested)
+            if run < scale.start_runs - 1:
+                continue
+            restarts = _restarts(watcher, scale)
+            _wait_until(all_running, timeout_s=120, interval_s=0.2)
+            cpu, rss = _idle(supervisord.pid, scale.idle_s)
+        finally:
+            supervisord.close()
+    return Measured(ups, readies, restarts, cpu, rss)
 
 
-def _measure_floor(root: Path, scale: Scale) -> float:
-    """Seconds for ``bench.spawn_floor`` to bring ``scale.agents`` agents up."""
+def _measure_floor(root: Path, scale: Scale) -> list[float]:
+    """Seconds for ``bench.spawn_floor`` to bring ``scale.agents`` agents up, per run."""
+    return [_floor_once(root / f"run-{run}", scale) for run in range(scale.start_runs)]
+
+
+def _floor_once(root: Path, scale: Scale) -> float:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.spawn_floor", "--count", str(scale.agents),
          "--dir", str(root), *COMMAND],
@@ -214,12 +247,16 @@ def _figures(scale: Scale, ours: Measured, theirs: Measured, floor_s: float) -> 
     ]  # fmt: skip
 
 
+def _seconds(samples: Sequence[float]) -> str:
+    return ", ".join(f"{value:.3f}" for value in samples) + " s"
+
+
 def scales(quick: bool) -> list[Scale]:
     if quick:
-        return [Scale(agents=10, kills=10, idle_s=1.0)]
+        return [Scale(agents=10, kills=10, idle_s=1.0, start_runs=2)]
     return [
-        Scale(agents=100, kills=100, idle_s=15.0),
-        Scale(agents=1000, kills=100, idle_s=15.0),
+        Scale(agents=100, kills=100, idle_s=15.0, start_runs=5),
+        Scale(agents=1000, kills=100, idle_s=15.0, start_runs=5),
     ]
 
 
@@ -231,8 +268,12 @@ def run(*, quick: bool = False) -> Section:
         with tempfile.TemporaryDirectory(prefix="bench-agents-") as tmp:
             ours = _measure_daemon(Path(tmp) / "daemon", scale)
             theirs = _measure_supervisord(Path(tmp) / "supervisord", scale)
-            floor_s = _measure_floor(Path(tmp) / "floor", scale)
-        figures += _figures(scale, ours, theirs, floor_s)
+            floors_s = _measure_floor(Path(tmp) / "floor", scale)
+        figures += _figures(scale, ours, theirs, statistics.median(floors_s))
+        details[f"{scale.agents} agents, start → all processes exist, each run"] = (
+            f"daemon {_seconds(ours.ups_s)}; supervisord {_seconds(theirs.ups_s)}; "
+            f"floor {_seconds(floors_s)} (the figures are the medians)"
+        )
         details[f"{scale.agents} agents, kills"] = (
             f"{len(ours.restarts_s)} (daemon) / {len(theirs.restarts_s)} (supervisord), "
             f"one at a time, each agent once; idle window {scale.idle_s:.0f} s "
@@ -254,8 +295,12 @@ def run(*, quick: bool = False) -> Section:
             "process exists and has exec'd, found by scanning /proc every 0.5 ms from the "
             "benchmark process; *API shows all running*: the same start until ListAgents "
             "(resp. `getAllProcessInfo`) first shows every agent running, polled every "
-            "50 ms. *Restart*: SIGKILL of an agent until its new process has exec'd (same "
-            "scan, so about 1 ms resolution), one distinct agent at a time, the next 20-70 ms "
+            "50 ms. Each side, and the floor, brings its agents up several times (five; "
+            "twice with `--quick`), each time in a fresh process and directory, and the "
+            "start figures are the medians (each run is listed below); restarts and the "
+            "idle cost are measured in the last run. *Restart*: SIGKILL of an agent until "
+            "its new process has exec'd (same scan, so about 1 ms resolution), one distinct "
+            "agent at a time, the next 20-70 ms "
             "after the previous one is back, so restarts never overlap (supervisord spawns "
             "on the loop pass after the one that reaps, and another process's event would "
             "start that pass early). *Idle*: CPU from "
