@@ -23,9 +23,11 @@ seconds, from a thread when files are large), or ship logs anywhere.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 from reconciler.model.ids import AgentId, is_valid_agent_id
@@ -72,25 +74,19 @@ class AgentLogs:
 
     def open_for_append(self, agent_id: AgentId) -> int:
         """A new descriptor on the live file (``O_APPEND``, close-on-exec); caller closes it."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-        path = self.path_for(agent_id)
-        try:
-            return os.open(path, flags, _FILE_MODE)
-        except FileNotFoundError:  # the directory is made on first use
-            self.log_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            return os.open(path, flags, _FILE_MODE)
+        return self._open_live(agent_id)[0]
 
     def open_for_start(self, agent_id: AgentId) -> int:
         """``open_for_append``, rotating first when the live file reached ``max_bytes``,
         for a new process of ``agent_id``: where its output begins is kept for
         ``last_line``.
 
-        One open and one ``fstat`` on an agent's start (a separate ``stat`` of a file
-        that does not exist yet costs an exception each time).
+        One open, one ``fstat`` and one ``fcntl`` on an agent's start (a separate
+        ``stat`` of a file that does not exist yet costs an exception each time).
         """
-        fd = self.open_for_append(agent_id)
+        fd, info = self._open_live(agent_id)
+        size = info.st_size
         try:
-            size = os.fstat(fd).st_size
             if size >= self.max_bytes:
                 self.rotate(agent_id)  # the O_APPEND descriptor writes at the new end
                 size = 0
@@ -99,6 +95,34 @@ class AgentLogs:
             raise
         self._output_start[agent_id] = size
         return fd
+
+    def _open_live(self, agent_id: AgentId) -> tuple[int, os.stat_result]:
+        """The live file opened for appending, and its status. Opened without blocking
+        and refused unless it is a regular file: an agent running as the daemon's user
+        could put a FIFO in its place, whose open would wait for a reader forever."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags |= os.O_NONBLOCK
+        path = self.path_for(agent_id)
+        not_regular = OSError(errno.EINVAL, f"{path} is not a regular file")
+        try:
+            try:
+                fd = os.open(path, flags, _FILE_MODE)
+            except FileNotFoundError:  # the directory is made on first use
+                self.log_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+                fd = os.open(path, flags, _FILE_MODE)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # a FIFO (or a device) no one reads
+                raise not_regular from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise not_regular
+            os.set_blocking(fd, True)  # the agent gets ordinary stdout and stderr
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, info
 
     def size_bytes(self, agent_id: AgentId) -> int:
         """The live file's size; 0 when it does not exist."""
@@ -162,12 +186,16 @@ class AgentLogs:
         since = self._output_start.get(agent_id)
         if since is None:
             return ""
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self.path_for(agent_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(self.path_for(agent_id), flags)
         except OSError:
             return ""
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return ""
+            size = info.st_size
             # Shorter than its start: truncated by a rotation this object did not make.
             start = max(since if size >= since else 0, size - _LAST_LINE_READ_BYTES)
             data = os.pread(fd, size - start, start)

@@ -683,6 +683,20 @@ def test_opening_for_a_start_rotates_a_full_file_and_appends_from_its_new_start(
     assert logs.path_for(agent).read_bytes() == b"second\n"
 
 
+async def test_a_fifo_in_place_of_a_log_file_fails_the_start_and_blocks_nothing(
+    supervisor: ProcessSupervisor, exits: Exits
+) -> None:
+    agent = AgentId("piped")
+    handle = await supervisor.start(spec("piped", *python("raise SystemExit(1)")), env={})
+    await exits.wait(handle)
+    path = supervisor.logs.path_for(agent)
+    path.unlink()
+    os.mkfifo(path)  # what an agent running as the daemon's user could do
+    assert supervisor.logs.last_line(agent) == ""
+    with pytest.raises(SpawnError, match="is not a regular file"):
+        await supervisor.start(spec("piped", SLEEP, "60"), env={})
+
+
 def test_log_files_are_private_and_named_only_for_valid_ids(tmp_path: Path) -> None:
     logs = AgentLogs(tmp_path / "logs", max_bytes=100, backups=0)
     fd = logs.open_for_append(AgentId("ok"))
