@@ -41,7 +41,13 @@ from reconciler.daemon.store import (
     ProcessEntry,
     StateStore,
 )
-from reconciler.daemon.supervisor import AGENT_ID_ENV, ProcessHandle, SpawnError, Supervisor
+from reconciler.daemon.supervisor import (
+    AGENT_CONFIG_FILE_ENV,
+    AGENT_ID_ENV,
+    ProcessHandle,
+    SpawnError,
+    Supervisor,
+)
 from reconciler.daemon.workqueue import WorkQueue
 from reconciler.model.errors import Conflict, InvalidArgument, NotFound, StaleGeneration
 from reconciler.model.events import EventType
@@ -1016,7 +1022,7 @@ class Controller:
         if spec.heartbeat is not None:
             env["RECONCILER_HEARTBEAT_INTERVAL_S"] = repr(spec.heartbeat.interval_s)
         if spec.config:
-            env["RECONCILER_AGENT_CONFIG_FILE"] = str(self._write_agent_config(spec))
+            env[AGENT_CONFIG_FILE_ENV] = str(self._write_agent_config(spec))
         propagate.inject(env)
         env["TRACEPARENT"] = env.pop("traceparent", "")
         if not env["TRACEPARENT"]:
@@ -1027,7 +1033,8 @@ class Controller:
         self._config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self._config_dir / f"{spec.id}.json"
         tmp = path.with_suffix(".json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(tmp, flags | os.O_NONBLOCK, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(dict(spec.config), out, sort_keys=True)
         tmp.replace(path)

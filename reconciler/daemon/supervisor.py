@@ -91,6 +91,7 @@ from reconciler.model.spec import AgentSpec
 from reconciler.model.status import ExitInfo
 
 __all__ = [
+    "AGENT_CONFIG_FILE_ENV",
     "AGENT_ID_ENV",
     "ExitCallback",
     "FakeStart",
@@ -108,6 +109,7 @@ _log = logging.getLogger(__name__)
 #: Set in every agent's environment; inherited by its children, it lets ``stop`` tell
 #: which agent a re-parented orphan came from.
 AGENT_ID_ENV = "RECONCILER_AGENT_ID"
+AGENT_CONFIG_FILE_ENV = "RECONCILER_AGENT_CONFIG_FILE"
 
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_VICTIMS = 1024
@@ -327,16 +329,24 @@ class ProcessSupervisor:
         user = self._resolve_user(spec.user)
         cwd = self._working_dir(spec)
         environ = _environment(spec, env, user)
+        config_fd = _hand_over_config(environ, user) if user and not user.is_self else None
         try:
             log_fd = self.logs.open_for_start(spec.id)
         except OSError as error:
+            if config_fd is not None:
+                os.close(config_fd)
             raise SpawnError(f"cannot open the log file of {spec.id}: {error}") from None
+        passed = () if config_fd is None else (config_fd,)
         try:
             before_ns = procfs.boot_clock_ns()
-            pid = spawn_process(argv, cwd=cwd, env=environ, user=user, log_fd=log_fd)
+            pid = spawn_process(
+                argv, cwd=cwd, env=environ, user=user, log_fd=log_fd, pass_fds=passed
+            )
             start_ticks = procfs.start_ticks_between(before_ns, procfs.boot_clock_ns())
         finally:
             os.close(log_fd)
+            for fd in passed:
+                os.close(fd)
         return self._track_spawned(spec.id, pid, argv, loop, start_ticks=start_ticks)
 
     async def stop(self, handle: ProcessHandle, *, grace_s: float) -> None:
@@ -681,12 +691,46 @@ def _home(user: RunAs | None) -> str:
         return "/"
 
 
+def _hand_over_config(environ: dict[str, str], user: RunAs) -> int | None:
+    """An open descriptor on the config file named in ``environ``, for an agent that
+    runs as ``user``; ``environ`` then names it as /proc/self/fd/N.
+
+    The file sits in the daemon's private state directory, which another user cannot
+    enter. The agent gets the file itself, made its own (mode 0400), as an inherited
+    descriptor: opening /proc/self/fd/N checks only the file's own permissions.
+    """
+    path = environ.get(AGENT_CONFIG_FILE_ENV)
+    if not path:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        raise SpawnError(f"cannot open the config file {path}: {error.strerror}") from None
+    try:
+        os.fchown(fd, user.uid, user.gid)
+        os.fchmod(fd, 0o400)
+    except OSError as error:
+        os.close(fd)
+        raise SpawnError(
+            f"cannot give the config file {path} to user {user.name}: {error.strerror}"
+        ) from None
+    environ[AGENT_CONFIG_FILE_ENV] = f"/proc/self/fd/{fd}"
+    return fd
+
+
 def spawn_process(
-    argv: tuple[str, ...], *, cwd: str, env: Mapping[str, str], user: RunAs | None, log_fd: int
+    argv: tuple[str, ...],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    user: RunAs | None,
+    log_fd: int,
+    pass_fds: Sequence[int] = (),
 ) -> int:
     """Start ``argv`` in a session of its own with output to ``log_fd``; its pid.
 
-    The caller reaps it (by pid). Raises ``SpawnError`` saying why it could not start.
+    ``pass_fds`` stay open in the agent under the same numbers. The caller reaps it
+    (by pid). Raises ``SpawnError`` saying why it could not start.
     """
     switch = user is not None and not user.is_self
     try:
@@ -698,6 +742,7 @@ def spawn_process(
             cwd=cwd,
             env=env,
             close_fds=True,
+            pass_fds=pass_fds,
             start_new_session=True,
             user=user.uid if switch and user else None,
             group=user.gid if switch and user else None,

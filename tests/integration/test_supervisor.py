@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,7 @@ from reconciler.daemon.agentlogs import LAST_LINE_MAX_CHARS, AgentLogs, printabl
 from reconciler.daemon.clock import FakeClock
 from reconciler.daemon.commands import CommandPolicy
 from reconciler.daemon.supervisor import (
+    AGENT_CONFIG_FILE_ENV,
     AGENT_ID_ENV,
     FakeSupervisor,
     ProcessHandle,
@@ -73,6 +76,15 @@ def python(code: str, *args: str) -> tuple[str, ...]:
 def gone(pid: int) -> bool:
     stat = procfs.read_stat(pid)
     return stat is None or stat.zombie
+
+
+def open_files() -> set[str]:
+    """What this process's descriptors point at."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
 
 
 def our_zombies() -> list[int]:
@@ -237,6 +249,27 @@ async def test_an_agent_can_run_as_another_user(supervisor: ProcessSupervisor) -
     assert ids["Gid"] == [str(nobody.pw_gid)] * 4
     assert procfs.read_environ_value(handle.pid, "USER") == "nobody"
     assert procfs.read_environ_value(handle.pid, "HOME") == nobody.pw_dir
+
+
+async def test_an_agent_running_as_another_user_can_read_its_config_file(
+    supervisor: ProcessSupervisor, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    private = tmp_path / "state" / "agent-config"
+    private.mkdir(mode=0o700, parents=True)
+    os.chmod(tmp_path / "state", 0o700)
+    config = private / "reader.json"
+    config.write_text('{"batch": 5}')
+    config.chmod(0o600)
+    script = 'cat "$RECONCILER_AGENT_CONFIG_FILE"; echo; echo "$RECONCILER_AGENT_CONFIG_FILE"'
+    env = {AGENT_CONFIG_FILE_ENV: str(config)}
+    await supervisor.start(spec("reader", "/bin/sh", "-c", script, user="nobody"), env=env)
+    assert str(config) not in open_files(), "the daemon keeps no descriptor on the config"
+    output = await read_log_until(supervisor, "reader", "/proc/self/fd/")
+    assert output.splitlines()[0] == '{"batch": 5}'
+    nobody = pwd.getpwnam("nobody")
+    assert (config.stat().st_uid, stat.S_IMODE(config.stat().st_mode)) == (nobody.pw_uid, 0o400)
 
 
 @pytest.mark.parametrize(
