@@ -34,6 +34,7 @@ from agentlet.sampling import ProcessSampler, Sample, Sampler
 from agentlet.transport import (
     HttpTransport,
     ReceiverBusy,
+    SocketOrHttpTransport,
     Transport,
     TransportError,
     UnixSocketTransport,
@@ -149,7 +150,9 @@ class Heartbeater:
             on_failure=on_failure,
             traceparent=config.traceparent,
         )
-        if isinstance(transport, UnixSocketTransport):
+        if isinstance(transport, SocketOrHttpTransport):
+            transport.socket.on_rejected = heartbeater.report_failure
+        elif isinstance(transport, UnixSocketTransport):
             transport.on_rejected = heartbeater.report_failure
         return heartbeater
 
@@ -278,10 +281,16 @@ def _call_safely(callback: Callable[[_T], None] | None, value: _T) -> None:
 
 
 def make_transport(config: AgentletConfig) -> Transport:
-    """The socket transport when a socket is configured, else HTTP (raise when neither)."""
+    """The socket transport when a socket is configured (with HTTP behind it when the
+    socket refuses this process and a URL and token are there), else HTTP (raise when
+    neither)."""
     timeout_s = min(max(config.interval_s, 1.0), 10.0)
-    if config.heartbeat_socket is not None:
-        return UnixSocketTransport(config.heartbeat_socket, timeout_s=timeout_s)
+    http = None
     if config.heartbeat_url is not None and config.token is not None:
-        return HttpTransport(config.heartbeat_url, token=config.token, timeout_s=timeout_s)
+        http = HttpTransport(config.heartbeat_url, token=config.token, timeout_s=timeout_s)
+    if config.heartbeat_socket is not None:
+        unix = UnixSocketTransport(config.heartbeat_socket, timeout_s=timeout_s)
+        return unix if http is None else SocketOrHttpTransport(unix, http)
+    if http is not None:
+        return http
     raise ValueError("no heartbeat receiver configured")

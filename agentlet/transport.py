@@ -9,11 +9,15 @@ What: the ``Transport`` Protocol and two real transports.
   reconnects.
 - ``HttpTransport`` POSTs each heartbeat with ``Authorization: Bearer <token>`` on a
   keep-alive aiohttp session (imported only when used).
+- ``SocketOrHttpTransport`` uses the socket, and HTTP from the first time the socket
+  refuses this process for good (EACCES: an agent that runs as another user than the
+  daemon, outside the socket's group, may not connect to it).
 
 Errors (``send`` raises only these)::
 
     TransportError              temporary: retry after a backoff
     ├── ReceiverUnavailable     cannot connect / connection lost / timed out
+    │   └── ReceiverForbidden   the socket refuses this process (permission denied)
     └── HeartbeatRejected       the daemon answered with an error (reason, field)
         └── ReceiverBusy        HTTP 429, with the server's Retry-After
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,13 +44,16 @@ __all__ = [
     "HeartbeatRejected",
     "HttpTransport",
     "ReceiverBusy",
+    "ReceiverForbidden",
     "ReceiverUnavailable",
+    "SocketOrHttpTransport",
     "Transport",
     "TransportError",
     "UnixSocketTransport",
 ]
 
 _MAX_ERROR_BODY_BYTES = 4096
+log = logging.getLogger(__name__)
 
 
 class TransportError(Exception):
@@ -54,6 +62,10 @@ class TransportError(Exception):
 
 class ReceiverUnavailable(TransportError):
     """The daemon's receiver could not be reached, or the connection broke."""
+
+
+class ReceiverForbidden(ReceiverUnavailable):
+    """The Unix socket refuses this process (permission denied): it will not change."""
 
 
 class HeartbeatRejected(TransportError):
@@ -130,6 +142,8 @@ class UnixSocketTransport:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self._path, limit=MAX_FRAME_BYTES), self._timeout_s
             )
+        except PermissionError as exc:
+            raise ReceiverForbidden(f"cannot connect to {self._path}: {exc!r}") from None
         except (OSError, TimeoutError) as exc:
             raise ReceiverUnavailable(f"cannot connect to {self._path}: {exc!r}") from None
         self._writer = writer
@@ -161,6 +175,30 @@ class UnixSocketTransport:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), self._timeout_s)
+
+
+class SocketOrHttpTransport:
+    """The Unix socket while it lets this process in, then HTTP for good."""
+
+    def __init__(self, socket: UnixSocketTransport, http: HttpTransport) -> None:
+        self.socket = socket
+        self.http = http
+        self.using_http = False
+
+    async def send(self, heartbeat: Heartbeat) -> None:
+        if not self.using_http:
+            try:
+                await self.socket.send(heartbeat)
+                return
+            except ReceiverForbidden as exc:
+                log.warning("%s; sending heartbeats over HTTP from now on", exc)
+                self.using_http = True
+                await self.socket.close()
+        await self.http.send(heartbeat)
+
+    async def close(self) -> None:
+        await self.socket.close()
+        await self.http.close()
 
 
 def _parse_error_line(line: bytes) -> HeartbeatRejected:

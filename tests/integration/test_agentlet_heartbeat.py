@@ -6,7 +6,9 @@ import asyncio
 import itertools
 import json
 import os
+import pwd
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from agentlet import AgentletConfig, BackoffPolicy, Heartbeater, TransportError
-from agentlet.transport import HeartbeatRejected
+from agentlet.heartbeat import Heartbeat, HeartbeatStatus
+from agentlet.heartbeater import make_transport
+from agentlet.transport import HeartbeatRejected, SocketOrHttpTransport, Transport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_agentlet_support import SocketReceiver, until
@@ -214,3 +218,55 @@ async def test_a_busy_http_receiver_is_given_its_retry_after(
     delivered_at = loop.time()
     assert len(failed_at) == 1
     assert delivered_at - failed_at[0] >= 1.0 * 0.95
+
+
+async def test_an_agent_the_socket_refuses_sends_its_heartbeats_over_http(
+    tmp_path: Path, http_receiver: tuple[HttpReceiver, str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("running as another user needs root")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # the daemon's socket directory, closed to other users
+    socket_receiver = SocketReceiver(private / "hb.sock")
+    await socket_receiver.start()
+    receiver, url = http_receiver
+    config = AgentletConfig(
+        agent_id="as-nobody",
+        heartbeat_socket=str(socket_receiver.path),
+        heartbeat_url=url,
+        token="http-secret",
+        interval_s=INTERVAL_S,
+    )
+    nobody = pwd.getpwnam("nobody")
+    child = os.fork()
+    if child == 0:  # an agent running as another user than the daemon's
+        code = 2
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            transport = make_transport(config)
+            asyncio.run(send_twice(transport))
+            code = 0 if isinstance(transport, SocketOrHttpTransport) and transport.using_http else 3
+        finally:
+            os._exit(code)
+    _, status = await asyncio.to_thread(os.waitpid, child, 0)
+    await socket_receiver.stop()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [body["agent_id"] for body in receiver.bodies] == ["as-nobody", "as-nobody"]
+    assert socket_receiver.lines == []
+
+
+async def send_twice(transport: Transport) -> None:
+    for seq in range(2):
+        beat = Heartbeat(
+            agent_id="as-nobody",
+            pid=os.getpid(),
+            timestamp=time.time(),
+            version="1",
+            status=HeartbeatStatus.HEALTHY,
+            cpu=0.0,
+            memory=0,
+            seq=seq,
+        )
+        await transport.send(beat)
+    await transport.close()
