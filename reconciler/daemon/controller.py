@@ -225,6 +225,7 @@ class ProcessOwner:
     daemon_dir: str
 
     def environment(self) -> dict[str, str]:
+        """The marks each agent of this owner carries in its environment."""
         return {NODE_ID_ENV: self.node_id, DAEMON_DIR_ENV: self.daemon_dir}
 
 
