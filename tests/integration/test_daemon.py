@@ -232,6 +232,12 @@ def test_a_second_daemon_on_a_state_directory_or_socket_in_use_refuses_and_distu
     assert (daemon.state_dir / "processes.json").exists()
 
 
+def recorded(daemon: DaemonProcess, agent_id: str) -> bool:
+    """``agent_id``'s pid is in the daemon's processes.json (adoption can find it)."""
+    path = daemon.state_dir / "processes.json"
+    return path.exists() and f'"{agent_id}"' in path.read_text()
+
+
 def test_two_daemons_of_one_node_on_one_host_never_touch_each_others_agents(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
@@ -244,6 +250,7 @@ def test_two_daemons_of_one_node_on_one_host_never_touch_each_others_agents(
         trial.sync(1, [spec("steady")])
         theirs = wait_for(lambda: trial.running().get("steady"), what="the trial's steady")
         assert theirs not in before.values()
+        wait_for(lambda: recorded(trial, "steady"), what="the trial's pid saved")
         trial.kill()  # its agents live on, to be adopted by the next trial daemon
         trial.start()
         assert trial.running() == {"steady": theirs}
