@@ -23,7 +23,7 @@ from typing import NoReturn, Protocol
 
 from reconciler.config import ConfigError
 
-__all__ = ["App", "loads", "restart_in_place", "run_until_signalled"]
+__all__ = ["App", "restart_in_place", "run_until_signalled", "settings_check"]
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,18 @@ async def run_until_signalled(
     return restart
 
 
-def loads(load: Callable[[], object]) -> str:
-    """ "" when ``load()`` (reading settings) succeeds, else why it failed (for ``reload``)."""
-    try:
-        load()
-    except (ConfigError, OSError) as error:
-        return str(error)
-    return ""
+def settings_check(load: Callable[[], object]) -> Callable[[], str]:
+    """A ``reload`` for ``run_until_signalled``: it calls ``load`` (reading the settings
+    again) and answers "" when that succeeds, else why it failed."""
+
+    def check() -> str:
+        try:
+            load()
+        except (ConfigError, OSError) as error:
+            return str(error)
+        return ""
+
+    return check
 
 
 def restart_in_place() -> NoReturn:

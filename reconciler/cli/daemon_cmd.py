@@ -13,7 +13,7 @@ import click
 
 from reconciler.cli.options import set_option
 from reconciler.config import DaemonSettings, load_daemon_settings
-from reconciler.lifecycle import loads, restart_in_place
+from reconciler.lifecycle import restart_in_place, settings_check
 from reconciler.logs import setup_logging
 
 __all__ = ["daemon", "daemon_overrides"]
@@ -60,10 +60,7 @@ def daemon(
     overrides = daemon_overrides(sets, node_id=node_id, state_dir=state_dir)
     settings = load_daemon_settings(config_file, overrides=overrides)
     apply_logging(ctx, settings)
-
-    def reload() -> str:
-        return loads(lambda: load_daemon_settings(config_file, overrides=overrides))
-
+    reload = settings_check(lambda: load_daemon_settings(config_file, overrides=overrides))
     if asyncio.run(run_daemon(settings, reload=reload)):
         restart_in_place()
 

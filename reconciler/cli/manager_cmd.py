@@ -11,7 +11,7 @@ import click
 
 from reconciler.cli.options import set_option
 from reconciler.config import ManagerSettings, load_manager_settings
-from reconciler.lifecycle import loads, restart_in_place
+from reconciler.lifecycle import restart_in_place, settings_check
 from reconciler.logs import setup_logging
 
 __all__ = ["manager"]
@@ -39,10 +39,7 @@ def manager(ctx: click.Context, config_file: str | None, sets: tuple[str, ...]) 
 
     settings = load_manager_settings(config_file, overrides=sets)
     _apply_logging(ctx, settings)
-
-    def reload() -> str:
-        return loads(lambda: load_manager_settings(config_file, overrides=sets))
-
+    reload = settings_check(lambda: load_manager_settings(config_file, overrides=sets))
     if asyncio.run(run_manager(settings, reload=reload)):
         restart_in_place()
 
